@@ -1,0 +1,203 @@
+//! Builds the whole service from settings and runs it until a shutdown
+//! signal, then drains it in order: stop intake, flush batches, finish the
+//! calls in flight, settle, sync the journal.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{decode_webhook_secret, Settings};
+use crate::dispatch::DeadLetterSink;
+use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
+use crate::inbox::{self, journal::Journal};
+use crate::ingest::http::{self, HttpState};
+use crate::ingest::signature::Verifier;
+use crate::pipeline::{Pipeline, PipelineHandles};
+use crate::rules::Rules;
+use crate::telemetry::Metrics;
+use crate::tencent::{ClientOptions, TencentClient};
+
+/// How long shutdown waits for in-flight work to settle.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// A built, bound, not yet running service.
+pub struct Application {
+    port: u16,
+    server: actix_web::dev::Server,
+    journal: Journal,
+    handles: PipelineHandles,
+    feeder_stop: CancellationToken,
+    feeder: tokio::task::JoinHandle<()>,
+    metrics: Metrics,
+    emulator: Option<RunningEmulator>,
+}
+
+impl Application {
+    /// Opens the journal, starts the pipeline and binds the HTTP listener
+    /// (port 0 picks a free port; see `port`).
+    pub async fn build(settings: Settings) -> anyhow::Result<Application> {
+        let rules = Arc::new(Rules::from_settings(&settings));
+        let metrics = Metrics::new(rules.types());
+
+        let mut client_opts = ClientOptions::from_settings(&settings.tencent);
+        let emulator = if settings.emulator.embedded {
+            let running = start_demo_emulator(&settings).await?;
+            tracing::warn!(
+                url = %running.base_url(),
+                "upstream is the built-in emulator (demo mode: [emulator] embedded = true)"
+            );
+            client_opts.base_url = running.base_url();
+            Some(running)
+        } else {
+            None
+        };
+        let client = Arc::new(TencentClient::new(client_opts).context("building the HTTP client")?);
+
+        let journal = Journal::open(&settings.journal.path).with_context(|| {
+            format!("opening the journal in {}", settings.journal.path.display())
+        })?;
+        let dead: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
+        let (pipeline, handles) = Pipeline::start(&settings, client, dead, metrics.clone());
+
+        let feeder_stop = CancellationToken::new();
+        let feeder = tokio::spawn(inbox::feed(
+            journal.clone(),
+            pipeline,
+            rules.clone(),
+            metrics.clone(),
+            feeder_stop.clone(),
+        ));
+        spawn_id_pruning(journal.clone(), feeder_stop.clone());
+
+        let keys = settings
+            .webhook
+            .secrets
+            .iter()
+            .map(|s| decode_webhook_secret(s.expose_secret()).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let state = web::Data::new(HttpState {
+            verifier: Verifier::new(keys, settings.webhook.tolerance_seconds),
+            rules,
+            journal: journal.clone(),
+            metrics: metrics.clone(),
+            circuit: handles.circuit.clone(),
+            body_limit: settings.server.body_limit_bytes,
+            admin_token: settings.admin.token.clone(),
+        });
+        let listener = TcpListener::bind(settings.server.listen)
+            .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+        let port = listener.local_addr()?.port();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(http::configure)
+        })
+        .listen(listener)?
+        .disable_signals()
+        .shutdown_timeout(5)
+        .run();
+        tracing::info!(port, journal = %settings.journal.path.display(), "chat-janitor serving");
+        Ok(Application {
+            port,
+            server,
+            journal,
+            handles,
+            feeder_stop,
+            feeder,
+            metrics,
+            emulator,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The journal (tests use it to simulate storage refusing appends).
+    pub fn journal(&self) -> Journal {
+        self.journal.clone()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The embedded emulator's URL, in demo mode.
+    pub fn emulator_url(&self) -> Option<String> {
+        self.emulator.as_ref().map(RunningEmulator::base_url)
+    }
+
+    /// Serves until `shutdown` resolves (or the server fails), then drains.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let server = tokio::spawn(self.server);
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down: intake stops"),
+        }
+        handle.stop(true).await;
+        let _ = server.await;
+        self.journal.close_intake();
+        // No new events enter; the feeder stops and drops its pipeline
+        // handle, so the coalescer flushes every open batch.
+        self.feeder_stop.cancel();
+        let _ = self.feeder.await;
+        self.handles.drain(SHUTDOWN_GRACE).await;
+        self.journal.sync().await.ok();
+        if let Some(e) = self.emulator {
+            e.stop().await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn spawn_id_pruning(journal: Journal, stop: CancellationToken) {
+    /// webhook-ids are remembered this long (senders retry for about a day).
+    const DEDUPE_WINDOW: u64 = 7 * 24 * 3600;
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tokio::select! {
+                _ = every.tick() => journal.prune_ids(crate::inbox::journal::unix_now().saturating_sub(DEDUPE_WINDOW)),
+                _ = stop.cancelled() => return,
+            }
+        }
+    });
+}
+
+/// Demo mode: an in-process emulator with the configured credentials and a
+/// few channels and follows to clean up.
+async fn start_demo_emulator(settings: &Settings) -> anyhow::Result<RunningEmulator> {
+    let t = &settings.tencent;
+    let emulator = Emulator::new(EmulatorConfig {
+        sdkappid: t.sdkappid,
+        secret_key: t.secret_key.expose_secret().to_owned(),
+        admins: vec![t.admin_identifier.clone()],
+        rate_per_api: 200,
+        ..EmulatorConfig::default()
+    });
+    let users: Vec<String> = (0..10)
+        .map(|i| format!("user{i}"))
+        .chain(["107867".to_owned()])
+        .collect();
+    emulator.seed(Seed {
+        channels: vec![
+            SeedChannel::new("@TOA#_news", users.clone()),
+            SeedChannel::new("@TOA#_deals", users.clone()),
+        ],
+        follows: vec![
+            SeedFollow::new("107867", ["user1", "user2"]),
+            SeedFollow::new("user3", ["107867"]),
+        ],
+        ..Seed::default()
+    });
+    let listener = TcpListener::bind(settings.emulator.listen)
+        .with_context(|| format!("binding emulator.listen {}", settings.emulator.listen))?;
+    Ok(emulator.serve(listener).await?)
+}

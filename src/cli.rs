@@ -1,0 +1,328 @@
+//! The command line: `serve`, `emulator`, `send`, `usersig`. Each command
+//! returns an exit code: 0 ok, 2 bad arguments or configuration, 1 otherwise.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, decode_webhook_secret, ConfigError};
+use crate::emulator::{self, EmulatorConfig};
+use crate::ingest::signature;
+use crate::tencent::usersig;
+
+/// The demo secret of `config/default.toml`, so `send` works against a
+/// default `serve` with no flags.
+pub const DEMO_WEBHOOK_SECRET: &str = "whsec_Y2hhdC1qYW5pdG9yLWRlbW8tc2VjcmV0LWtleQ==";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chat-janitor",
+    version,
+    about = "Turns user-lifecycle events into coalesced clean-up calls on Tencent Cloud Chat"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the processor (the default with no subcommand).
+    Serve {
+        /// TOML file; else $CHAT_JANITOR_CONFIG, else config/default.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run a stateful emulator of the Tencent Cloud Chat REST endpoints.
+    Emulator {
+        #[arg(long, default_value = "127.0.0.1:9700")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1_400_000_000)]
+        sdkappid: u64,
+        #[arg(
+            long,
+            default_value = "chat-janitor-emulator-key",
+            env = "EMULATOR_SECRET_KEY",
+            hide_env_values = true
+        )]
+        secret_key: String,
+        /// App admin identifiers (repeat for several).
+        #[arg(long = "admin", default_value = "administrator")]
+        admins: Vec<String>,
+        /// Calls per second allowed per API before 60007.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+    },
+    /// Sign one event (Standard Webhooks) and post it; print the response.
+    Send {
+        /// Event type, e.g. user.banned.
+        #[arg(value_name = "TYPE")]
+        event_type: String,
+        #[arg(long)]
+        user: String,
+        /// Channels to leave (repeat).
+        #[arg(long = "channel")]
+        channels: Vec<String>,
+        /// Accounts the user follows (repeat).
+        #[arg(long = "following")]
+        following: Vec<String>,
+        /// Accounts following the user (repeat).
+        #[arg(long = "follower")]
+        followers: Vec<String>,
+        /// Channels the user owns (repeat).
+        #[arg(long = "owned-channel")]
+        owned_channels: Vec<String>,
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long, default_value = "http://127.0.0.1:8080/v1/events")]
+        url: String,
+        #[arg(long, default_value = DEMO_WEBHOOK_SECRET, env = "CHAT_JANITOR_SEND_SECRET", hide_env_values = true)]
+        secret: String,
+        /// webhook-id (default: a fresh random one).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Print a UserSig (version 2).
+    Usersig {
+        #[arg(long)]
+        sdkappid: u64,
+        #[arg(long)]
+        secret_key: String,
+        #[arg(long)]
+        identifier: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86_400 * 180)]
+        expire: u64,
+    },
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let command = cli.command.unwrap_or(Command::Serve { config: None });
+    match command {
+        Command::Usersig {
+            sdkappid,
+            secret_key,
+            identifier,
+            expire,
+        } => {
+            println!(
+                "{}",
+                usersig::generate(&secret_key, sdkappid, &identifier, unix_now(), expire)
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Emulator {
+            listen,
+            sdkappid,
+            secret_key,
+            admins,
+            rate,
+        } => {
+            if rate == 0 {
+                return usage_error("--rate: must be at least 1");
+            }
+            crate::telemetry::init_tracing();
+            let config = EmulatorConfig {
+                sdkappid,
+                secret_key,
+                admins,
+                rate_per_api: rate,
+                ..EmulatorConfig::default()
+            };
+            block_on(emulator::run(config, listen))
+        }
+        Command::Send {
+            event_type,
+            user,
+            channels,
+            following,
+            followers,
+            owned_channels,
+            tier,
+            url,
+            secret,
+            id,
+        } => {
+            let key = match decode_webhook_secret(&secret) {
+                Ok(k) => k,
+                Err(problem) => return usage_error(&format!("--secret: {problem}")),
+            };
+            let mut data = serde_json::Map::new();
+            data.insert("user_id".into(), user.into());
+            for (name, list) in [
+                ("channels", channels),
+                ("following", following),
+                ("followers", followers),
+                ("owned_channels", owned_channels),
+            ] {
+                if !list.is_empty() {
+                    data.insert(name.into(), list.into());
+                }
+            }
+            if let Some(t) = tier {
+                data.insert("tier".into(), t.into());
+            }
+            let body = serde_json::json!({
+                "type": event_type,
+                "timestamp": humantime_now(),
+                "data": data,
+            })
+            .to_string();
+            let id = id.unwrap_or_else(|| format!("msg_{:032x}", rand::random::<u128>()));
+            block_on(send(url, key, id, body))
+        }
+        Command::Serve { config } => match config::load(config.as_deref()) {
+            Err(e) => config_error(&e),
+            Ok((settings, source)) => {
+                crate::telemetry::init_tracing();
+                tracing::info!(config = %source, "configuration loaded");
+                block_on(async move {
+                    let app = crate::app::Application::build(settings).await?;
+                    app.run_until_stopped(shutdown_signal()).await
+                })
+            }
+        },
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// RFC 3339 UTC timestamp of now, without pulling in a date crate.
+fn humantime_now() -> String {
+    let secs = unix_now();
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+async fn send(url: String, key: Vec<u8>, id: String, body: String) -> anyhow::Result<()> {
+    let ts = unix_now().to_string();
+    let sig = signature::sign(&key, &id, &ts, body.as_bytes());
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", &ts)
+        .header("webhook-signature", sig)
+        .body(body)
+        .send()
+        .await?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    println!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    if !text.is_empty() {
+        println!("{text}");
+    }
+    if status.is_success() {
+        Ok(())
+    } else {
+        anyhow::bail!("the server answered {status}")
+    }
+}
+
+fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("chat-janitor: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(c) = e.downcast_ref::<ConfigError>() {
+                return config_error(c);
+            }
+            eprintln!("chat-janitor: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("chat-janitor: {e}");
+    ExitCode::from(2)
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("chat-janitor: {msg}");
+    ExitCode::from(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_413), (2025, 11, 21));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn cli_parses() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

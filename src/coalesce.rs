@@ -1,0 +1,358 @@
+//! Per-key batching. Actions for the same API and target (a channel for
+//! `delete_subscriber` and `destroy_official_account`, a From_Account for
+//! `follow_delete`) meet in one open batch, a set keyed by account, which is
+//! sent when full or `linger` after it opened. A destroy takes the pending
+//! unsubscribes of its channel along (they are moot once it is gone).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::rules::Action;
+use crate::settle::Origin;
+use crate::telemetry::Metrics;
+use crate::tencent::api::{MAX_FOLLOWS_PER_CALL, MAX_SUBSCRIBERS_PER_CALL};
+use crate::tencent::{Api, ChannelId, UserId};
+
+/// One action of one event, waiting for its call.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub origin: Origin,
+    /// Calls this item was in that failed for it alone.
+    pub attempts: u32,
+}
+
+/// What a batch's call is addressed to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    Channel(ChannelId),
+    From(UserId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BatchKey {
+    pub api: Api,
+    pub target: Target,
+}
+
+impl BatchKey {
+    /// Most accounts one call for this key may carry.
+    pub fn capacity(&self) -> usize {
+        match self.api {
+            Api::DeleteSubscriber | Api::AddSubscriber => MAX_SUBSCRIBERS_PER_CALL,
+            Api::FollowDelete | Api::FollowAdd => MAX_FOLLOWS_PER_CALL,
+            _ => 1,
+        }
+    }
+
+    /// The action a member of this batch stands for.
+    pub fn action(&self, member: Option<&UserId>) -> Action {
+        match (&self.target, member) {
+            (Target::Channel(c), Some(u)) if self.api == Api::DeleteSubscriber => {
+                Action::Unsubscribe {
+                    channel: c.clone(),
+                    user: u.clone(),
+                }
+            }
+            (Target::From(f), Some(u)) => Action::Unfollow {
+                from: f.clone(),
+                to: u.clone(),
+            },
+            (Target::Channel(c), _) => Action::Destroy { channel: c.clone() },
+            (Target::From(f), None) => Action::Unfollow {
+                from: f.clone(),
+                to: f.clone(),
+            },
+        }
+    }
+}
+
+/// Splits an action into its batch key and member (None: the action is on
+/// the target as a whole).
+pub fn key_of(action: Action) -> (BatchKey, Option<UserId>) {
+    match action {
+        Action::Unsubscribe { channel, user } => (
+            BatchKey {
+                api: Api::DeleteSubscriber,
+                target: Target::Channel(channel),
+            },
+            Some(user),
+        ),
+        Action::Unfollow { from, to } => (
+            BatchKey {
+                api: Api::FollowDelete,
+                target: Target::From(from),
+            },
+            Some(to),
+        ),
+        Action::Destroy { channel } => (
+            BatchKey {
+                api: Api::DestroyOfficialAccount,
+                target: Target::Channel(channel),
+            },
+            None,
+        ),
+    }
+}
+
+/// A set of distinct accounts for one call, each with the items (one per
+/// event that asked) it settles.
+#[derive(Debug)]
+pub struct Batch {
+    pub key: BatchKey,
+    pub members: IndexMap<UserId, Vec<Item>>,
+    /// Items on the target as a whole (destroy).
+    pub whole: Vec<Item>,
+    /// Unsubscribes from a channel this batch destroys: they settle with it.
+    pub riders: Vec<(UserId, Item)>,
+    opened: Instant,
+}
+
+impl Batch {
+    fn new(key: BatchKey, now: Instant) -> Self {
+        Batch {
+            key,
+            members: IndexMap::new(),
+            whole: Vec::new(),
+            riders: Vec::new(),
+            opened: now,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        if self.key.capacity() == 1 {
+            !self.whole.is_empty()
+        } else {
+            self.members.len() >= self.key.capacity()
+        }
+    }
+
+    /// Accounts (or 1 for a whole-target call) the call will carry.
+    pub fn size(&self) -> usize {
+        self.members.len().max(usize::from(!self.whole.is_empty()))
+    }
+
+    /// Two halves, for isolating a bad account; the batch itself back when
+    /// it has a single member.
+    #[allow(clippy::result_large_err)]
+    pub fn split(mut self) -> Result<(Batch, Batch), Batch> {
+        if self.members.len() < 2 {
+            return Err(self);
+        }
+        let second = self.members.split_off(self.members.len() / 2);
+        let other = Batch {
+            key: self.key.clone(),
+            members: second,
+            whole: Vec::new(),
+            riders: Vec::new(),
+            opened: self.opened,
+        };
+        Ok((self, other))
+    }
+
+    /// Every item in the batch, for settling or dead-lettering them all.
+    pub fn item_count(&self) -> usize {
+        self.members.values().map(Vec::len).sum::<usize>() + self.whole.len() + self.riders.len()
+    }
+}
+
+/// Input to the coalescer.
+#[derive(Debug)]
+pub enum Input {
+    /// A new action.
+    Action(Action, Item),
+    /// Items of one member to try again (their call failed for them alone).
+    Retry {
+        key: BatchKey,
+        member: UserId,
+        items: Vec<Item>,
+    },
+}
+
+/// The coalescer task's state.
+pub struct Coalescer {
+    open: HashMap<BatchKey, Batch>,
+    /// Open order; deadlines are monotonic because linger is constant.
+    order: VecDeque<(Instant, BatchKey)>,
+    linger: Duration,
+    max_open_keys: usize,
+    out: mpsc::Sender<Batch>,
+    metrics: Metrics,
+    draining: bool,
+}
+
+impl Coalescer {
+    pub fn new(
+        linger: Duration,
+        max_open_keys: usize,
+        out: mpsc::Sender<Batch>,
+        metrics: Metrics,
+    ) -> Self {
+        Coalescer {
+            open: HashMap::new(),
+            order: VecDeque::new(),
+            linger,
+            max_open_keys: max_open_keys.max(1),
+            out,
+            metrics,
+            draining: false,
+        }
+    }
+
+    /// Runs until `input` closes and `stop` fires. After `input` closes it
+    /// flushes everything and sends retries straight on (drain mode).
+    pub async fn run(
+        mut self,
+        mut input: mpsc::Receiver<Input>,
+        mut retries: mpsc::UnboundedReceiver<Input>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut input_open = true;
+        loop {
+            let deadline = self.order.front().map(|(d, _)| *d);
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                Some(i) = retries.recv() => {
+                    if self.add(i).await.is_err() { break }
+                }
+                i = input.recv(), if input_open => match i {
+                    Some(i) => if self.add(i).await.is_err() { break },
+                    None => {
+                        input_open = false;
+                        self.draining = true;
+                        if self.flush_all().await.is_err() { break }
+                    }
+                },
+                _ = sleep_until_opt(deadline) => {
+                    if self.flush_due().await.is_err() { break }
+                }
+            }
+        }
+    }
+
+    async fn add(&mut self, input: Input) -> Result<(), Closed> {
+        let now = Instant::now();
+        match input {
+            Input::Action(action, item) => {
+                let (key, member) = key_of(action);
+                if key.api == Api::DestroyOfficialAccount {
+                    self.add_destroy(key, item, now).await
+                } else if let Some(member) = member {
+                    self.add_member(key, member, vec![item], now).await
+                } else {
+                    Ok(())
+                }
+            }
+            Input::Retry { key, member, items } => self.add_member(key, member, items, now).await,
+        }
+    }
+
+    async fn open_batch(&mut self, key: &BatchKey, now: Instant) -> Result<(), Closed> {
+        if self.open.contains_key(key) {
+            return Ok(());
+        }
+        if self.open.len() >= self.max_open_keys {
+            // Bounded memory: the oldest open batch goes now, not full.
+            if let Some((_, oldest)) = self.order.pop_front() {
+                if let Some(b) = self.open.remove(&oldest) {
+                    self.send(b).await?;
+                }
+            }
+        }
+        self.open.insert(key.clone(), Batch::new(key.clone(), now));
+        self.order.push_back((now + self.linger, key.clone()));
+        self.metrics.set_open_keys(self.open.len());
+        Ok(())
+    }
+
+    async fn add_member(
+        &mut self,
+        key: BatchKey,
+        member: UserId,
+        items: Vec<Item>,
+        now: Instant,
+    ) -> Result<(), Closed> {
+        self.open_batch(&key, now).await?;
+        let batch = self.open.get_mut(&key).expect("just opened");
+        batch.members.entry(member).or_default().extend(items);
+        if batch.is_full() || self.draining || self.linger.is_zero() {
+            let b = self.open.remove(&key).expect("present");
+            self.metrics.set_open_keys(self.open.len());
+            self.send(b).await?;
+        }
+        Ok(())
+    }
+
+    async fn add_destroy(&mut self, key: BatchKey, item: Item, now: Instant) -> Result<(), Closed> {
+        let Target::Channel(channel) = &key.target else {
+            return Ok(());
+        };
+        let unsub_key = BatchKey {
+            api: Api::DeleteSubscriber,
+            target: Target::Channel(channel.clone()),
+        };
+        self.open_batch(&key, now).await?;
+        let mut batch = self.open.remove(&key).expect("just opened");
+        batch.whole.push(item);
+        if let Some(unsubs) = self.open.remove(&unsub_key) {
+            for (user, items) in unsubs.members {
+                batch
+                    .riders
+                    .extend(items.into_iter().map(|i| (user.clone(), i)));
+            }
+        }
+        self.metrics.set_open_keys(self.open.len());
+        // A destroy cannot grow: send it now.
+        self.send(batch).await
+    }
+
+    async fn flush_due(&mut self) -> Result<(), Closed> {
+        let now = Instant::now();
+        while let Some((deadline, _)) = self.order.front() {
+            if *deadline > now {
+                break;
+            }
+            let (deadline, key) = self.order.pop_front().expect("front exists");
+            // A stale entry: that batch was sent full and the key reopened.
+            let current = self
+                .open
+                .get(&key)
+                .is_some_and(|b| b.opened + self.linger == deadline);
+            if current {
+                let b = self.open.remove(&key).expect("present");
+                self.send(b).await?;
+            }
+        }
+        self.metrics.set_open_keys(self.open.len());
+        Ok(())
+    }
+
+    async fn flush_all(&mut self) -> Result<(), Closed> {
+        self.order.clear();
+        let batches: Vec<Batch> = self.open.drain().map(|(_, b)| b).collect();
+        self.metrics.set_open_keys(0);
+        for b in batches {
+            self.send(b).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, b: Batch) -> Result<(), Closed> {
+        // Waiting here is the backpressure: the dispatcher is saturated.
+        self.out.send(b).await.map_err(|_| Closed)
+    }
+}
+
+#[derive(Debug)]
+struct Closed;
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,632 @@
+//! Typed settings: the embedded defaults or a TOML file, then
+//! `CHAT_JANITOR__SECTION__KEY` environment overrides, validated once at
+//! startup. Any problem becomes one `ConfigError` naming the key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+use crate::rules::{default_rules, Rule};
+use crate::tencent::api::{region_domain, REGIONS};
+use crate::tencent::ChannelId;
+
+/// The shipped `config/default.toml`, used when no file is named and none is
+/// found at that path, so the binary runs from anywhere.
+pub const EMBEDDED_DEFAULTS: &str = include_str!("../config/default.toml");
+const DEFAULT_PATH: &str = "config/default.toml";
+const ENV_FILE: &str = "CHAT_JANITOR_CONFIG";
+const ENV_PREFIX: &str = "CHAT_JANITOR__";
+
+/// An invalid configuration: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl fmt::Display) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default)]
+    pub server: ServerSettings,
+    pub webhook: WebhookSettings,
+    pub tencent: TencentSettings,
+    #[serde(default)]
+    pub amqp: AmqpSettings,
+    #[serde(default)]
+    pub journal: JournalSettings,
+    #[serde(default)]
+    pub batching: BatchingSettings,
+    #[serde(default)]
+    pub channels: ChannelSettings,
+    #[serde(default)]
+    pub emulator: EmbeddedEmulatorSettings,
+    /// Event type -> rule. The contract's defaults are added for any of
+    /// `user.banned`, `account.deleted`, `tier.downgraded` not given here.
+    #[serde(default)]
+    pub rules: BTreeMap<String, Rule>,
+    #[serde(default)]
+    pub dispatch: DispatchSettings,
+    #[serde(default)]
+    pub admin: AdminSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchSettings {
+    /// Upstream requests in flight at once, all APIs together.
+    pub max_in_flight: usize,
+    /// Actions held in memory (open batches plus batches being sent); the
+    /// journal or the broker holds the rest until there is room.
+    pub max_pending_items: usize,
+    /// Coalescing keys (channel or From_Account per API) open at once.
+    pub max_open_keys: usize,
+    /// First retry delay; doubles per attempt, with full jitter.
+    pub retry_base_ms: u64,
+    /// Largest retry delay.
+    pub retry_max_ms: u64,
+    /// Attempts for one item whose batch keeps failing per item, or whose
+    /// error code no table lists, before it is dead-lettered.
+    pub max_attempts: u32,
+    /// While the circuit is open (credentials rejected), how often one probe
+    /// request is let through.
+    pub probe_interval_ms: u64,
+    /// Longest a transient failure is retried before dead-lettering
+    /// (`retries_exhausted`); keep well inside RabbitMQ's consumer_timeout.
+    pub give_up_after_seconds: u64,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        DispatchSettings {
+            max_in_flight: 64,
+            max_pending_items: 200_000,
+            max_open_keys: 20_000,
+            retry_base_ms: 100,
+            retry_max_ms: 10_000,
+            max_attempts: 10,
+            probe_interval_ms: 5_000,
+            give_up_after_seconds: 900,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Bearer token for `/v1/admin/*` (dead letters). Empty: those routes
+    /// answer 404.
+    #[serde(deserialize_with = "lenient_secret")]
+    pub token: SecretString,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            token: SecretString::from(""),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub body_limit_bytes: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 262_144,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// Never printed: `SecretString`'s Debug redacts it.
+    #[serde(deserialize_with = "secret_list")]
+    pub secrets: Vec<SecretString>,
+    #[serde(default = "default_tolerance")]
+    pub tolerance_seconds: u64,
+}
+
+fn default_tolerance() -> u64 {
+    300
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TencentSettings {
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub base_url: String,
+    pub sdkappid: u64,
+    #[serde(deserialize_with = "lenient_secret")]
+    pub secret_key: SecretString,
+    #[serde(default = "default_admin")]
+    pub admin_identifier: String,
+    #[serde(default = "default_rps")]
+    pub requests_per_second: u32,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_region() -> String {
+    "singapore".into()
+}
+fn default_admin() -> String {
+    "administrator".into()
+}
+fn default_rps() -> u32 {
+    200
+}
+fn default_timeout() -> u64 {
+    5000
+}
+
+impl TencentSettings {
+    /// The URL prefix calls go to: `base_url` if set, else the region's domain.
+    pub fn endpoint(&self) -> String {
+        if self.base_url.is_empty() {
+            format!(
+                "https://{}",
+                region_domain(&self.region).unwrap_or("adminapisgp.im.qcloud.com")
+            )
+        } else {
+            self.base_url.trim_end_matches('/').to_owned()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// May carry a password, so it is a secret too.
+    #[serde(deserialize_with = "lenient_secret")]
+    pub url: SecretString,
+    pub queue: String,
+    pub prefetch: u16,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            url: SecretString::from(""),
+            queue: "chat-janitor.events".into(),
+            prefetch: 2000,
+        }
+    }
+}
+
+impl AmqpSettings {
+    pub fn enabled(&self) -> bool {
+        !self.url.expose_secret().is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSettings {
+    pub path: PathBuf,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        JournalSettings {
+            path: PathBuf::from("data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingSettings {
+    pub linger_ms: u64,
+}
+
+impl Default for BatchingSettings {
+    fn default() -> Self {
+        BatchingSettings { linger_ms: 200 }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelSettings {
+    #[serde(deserialize_with = "string_list")]
+    pub managed: Vec<String>,
+    /// Tier names, lowest first (for `tier.downgraded`).
+    #[serde(deserialize_with = "string_list")]
+    pub tiers: Vec<String>,
+    /// Managed channel -> the tier it requires.
+    pub required_tier: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedEmulatorSettings {
+    /// Off unless a file says so: only the shipped demo defaults turn it on.
+    pub embedded: bool,
+    pub listen: SocketAddr,
+}
+
+impl Default for EmbeddedEmulatorSettings {
+    fn default() -> Self {
+        EmbeddedEmulatorSettings {
+            embedded: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+/// Accepts a TOML list, or a comma-separated string (how lists arrive from
+/// the environment).
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        One(String),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
+    Ok(string_list(d)?
+        .into_iter()
+        .map(SecretString::from)
+        .collect())
+}
+
+/// A string that the environment provider may have parsed as a number.
+fn lenient_secret<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Lenient {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+    }
+    Ok(SecretString::from(match Lenient::deserialize(d)? {
+        Lenient::S(s) => s,
+        Lenient::I(i) => i.to_string(),
+        Lenient::U(u) => u.to_string(),
+        Lenient::F(f) => f.to_string(),
+    }))
+}
+
+/// Where the settings came from, for the startup log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Embedded,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "{}", p.display()),
+            Source::Embedded => f.write_str("embedded defaults"),
+        }
+    }
+}
+
+/// Loads settings from `--config`, else `$CHAT_JANITOR_CONFIG`, else
+/// `config/default.toml`, else the embedded copy of it; then the environment.
+pub fn load(explicit: Option<&Path>) -> Result<(Settings, Source), ConfigError> {
+    let env_file = std::env::var_os(ENV_FILE).map(PathBuf::from);
+    let source = match (explicit, env_file) {
+        (Some(p), _) => Source::File(p.to_owned()),
+        (None, Some(p)) => Source::File(p),
+        (None, None) if Path::new(DEFAULT_PATH).is_file() => Source::File(DEFAULT_PATH.into()),
+        (None, None) => Source::Embedded,
+    };
+    let figment = match &source {
+        Source::File(p) => {
+            if !p.is_file() {
+                return Err(ConfigError::new(
+                    "--config",
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+            Figment::from(Toml::file_exact(p))
+        }
+        Source::Embedded => Figment::from(Toml::string(EMBEDDED_DEFAULTS)),
+    };
+    let settings = from_figment(figment.merge(Env::prefixed(ENV_PREFIX).split("__")))?;
+    Ok((settings, source))
+}
+
+/// Parses settings from a TOML string with no environment (tests, tools).
+pub fn from_toml(toml: &str) -> Result<Settings, ConfigError> {
+    from_figment(Figment::from(Toml::string(toml)))
+}
+
+fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
+    let mut settings: Settings = figment.extract().map_err(figment_error)?;
+    for (kind, rule) in default_rules() {
+        settings.rules.entry(kind).or_insert(rule);
+    }
+    settings.validate()?;
+    Ok(settings)
+}
+
+fn figment_error(e: figment::Error) -> ConfigError {
+    use figment::error::Kind;
+    let mut path = e.path.clone();
+    let problem = match &e.kind {
+        Kind::MissingField(f) => {
+            path.push(f.to_string());
+            "is required but missing".to_owned()
+        }
+        Kind::UnknownField(f, _) => {
+            if path.last() != Some(f) {
+                path.push(f.clone());
+            }
+            "is not a known key".to_owned()
+        }
+        other => other.to_string(),
+    };
+    let key = if path.is_empty() {
+        "(file)".to_owned()
+    } else {
+        path.join(".")
+    };
+    ConfigError::new(key, problem)
+}
+
+/// Decodes a Standard Webhooks secret (`whsec_` + base64) into its HMAC key.
+pub fn decode_webhook_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
+    let b64 = secret
+        .strip_prefix("whsec_")
+        .ok_or("must start with \"whsec_\"")?;
+    let key = STANDARD
+        .decode(b64)
+        .map_err(|_| "is not valid base64 after \"whsec_\"")?;
+    if !(24..=64).contains(&key.len()) {
+        return Err("must decode to 24..64 bytes");
+    }
+    Ok(key)
+}
+
+impl Settings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: &str| Err(ConfigError::new(key, problem));
+        if !(1024..=64 * 1024 * 1024).contains(&self.server.body_limit_bytes) {
+            return bad(
+                "server.body_limit_bytes",
+                "must be between 1024 and 67108864",
+            );
+        }
+        if self.webhook.secrets.is_empty() {
+            return bad("webhook.secrets", "at least one secret is required");
+        }
+        for (i, s) in self.webhook.secrets.iter().enumerate() {
+            if let Err(problem) = decode_webhook_secret(s.expose_secret()) {
+                return Err(ConfigError::new(format!("webhook.secrets[{i}]"), problem));
+            }
+        }
+        if !(1..=86_400).contains(&self.webhook.tolerance_seconds) {
+            return bad("webhook.tolerance_seconds", "must be between 1 and 86400");
+        }
+        let t = &self.tencent;
+        if region_domain(&t.region).is_none() {
+            return Err(ConfigError::new(
+                "tencent.region",
+                format!("must be one of {}", REGIONS.join(", ")),
+            ));
+        }
+        if !t.base_url.is_empty() {
+            match reqwest::Url::parse(&t.base_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return bad("tencent.base_url", "must be empty or an http(s) URL"),
+            }
+        }
+        if t.sdkappid == 0 || t.sdkappid > u64::from(u32::MAX) {
+            return bad("tencent.sdkappid", "must be a positive 32-bit SDKAppID");
+        }
+        if t.secret_key.expose_secret().trim().is_empty() {
+            return bad("tencent.secret_key", "must not be empty");
+        }
+        if t.admin_identifier.trim().is_empty() {
+            return bad("tencent.admin_identifier", "must not be empty");
+        }
+        if !(1..=10_000).contains(&t.requests_per_second) {
+            return bad("tencent.requests_per_second", "must be between 1 and 10000");
+        }
+        if !(3_001..=60_000).contains(&t.timeout_ms) {
+            return bad(
+                "tencent.timeout_ms",
+                "must be between 3001 and 60000 (above the vendor's own 3 s timeout)",
+            );
+        }
+        let url = self.amqp.url.expose_secret();
+        if !(url.is_empty() || url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return bad("amqp.url", "must be empty or an amqp:// or amqps:// URL");
+        }
+        if self.amqp.queue.trim().is_empty() {
+            return bad("amqp.queue", "must not be empty");
+        }
+        if self.amqp.prefetch == 0 {
+            return bad("amqp.prefetch", "must be at least 1");
+        }
+        if self.journal.path.as_os_str().is_empty() {
+            return bad("journal.path", "must not be empty");
+        }
+        if self.batching.linger_ms > 60_000 {
+            return bad("batching.linger_ms", "must be at most 60000");
+        }
+        for (i, c) in self.channels.managed.iter().enumerate() {
+            if let Err(e) = ChannelId::parse(c.as_str()) {
+                return Err(ConfigError::new(format!("channels.managed[{i}]"), e));
+            }
+        }
+        for (c, tier) in &self.channels.required_tier {
+            let key = format!("channels.required_tier.\"{c}\"");
+            if !self.channels.managed.contains(c) {
+                return Err(ConfigError::new(key, "is not in channels.managed"));
+            }
+            if !self.channels.tiers.contains(tier) {
+                return Err(ConfigError::new(key, "names a tier not in channels.tiers"));
+            }
+        }
+        for kind in self.rules.keys() {
+            if kind.trim().is_empty() || kind.len() > 128 {
+                return Err(ConfigError::new(
+                    format!("rules.\"{kind}\""),
+                    "an event type must be 1 to 128 characters",
+                ));
+            }
+        }
+        let d = &self.dispatch;
+        for (key, value, lo, hi) in [
+            ("dispatch.max_in_flight", d.max_in_flight as u64, 1, 10_000),
+            (
+                "dispatch.max_pending_items",
+                d.max_pending_items as u64,
+                100,
+                10_000_000,
+            ),
+            (
+                "dispatch.max_open_keys",
+                d.max_open_keys as u64,
+                1,
+                1_000_000,
+            ),
+            ("dispatch.retry_base_ms", d.retry_base_ms, 1, 60_000),
+            (
+                "dispatch.retry_max_ms",
+                d.retry_max_ms,
+                d.retry_base_ms,
+                600_000,
+            ),
+            ("dispatch.max_attempts", u64::from(d.max_attempts), 1, 1_000),
+            (
+                "dispatch.probe_interval_ms",
+                d.probe_interval_ms,
+                10,
+                3_600_000,
+            ),
+            (
+                "dispatch.give_up_after_seconds",
+                d.give_up_after_seconds,
+                1,
+                86_400,
+            ),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("must be between {lo} and {hi}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let s = from_toml(EMBEDDED_DEFAULTS).unwrap();
+        assert_eq!(s.server.listen.port(), 8080);
+        assert_eq!(s.tencent.requests_per_second, 200);
+        assert!(s.emulator.embedded);
+        assert!(!s.amqp.enabled());
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = from_toml(EMBEDDED_DEFAULTS).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("chat-janitor-emulator-key"), "{dbg}");
+        assert!(!dbg.contains("whsec_"), "{dbg}");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = from_toml(&EMBEDDED_DEFAULTS.replace("sdkappid = 1400000000", "sdkappid = \"x\""))
+            .unwrap_err();
+        assert_eq!(e.key, "tencent.sdkappid");
+        let e = from_toml(&EMBEDDED_DEFAULTS.replace("timeout_ms = 5000", "timeout_ms = 100"))
+            .unwrap_err();
+        assert_eq!(e.key, "tencent.timeout_ms");
+        let e = from_toml(&EMBEDDED_DEFAULTS.replace("region = \"singapore\"", "region = \"x\""))
+            .unwrap_err();
+        assert_eq!(e.key, "tencent.region");
+        let e = from_toml(&EMBEDDED_DEFAULTS.replace("managed = []", "managed = [\"news\"]"))
+            .unwrap_err();
+        assert_eq!(e.key, "channels.managed[0]");
+        let e = from_toml(&EMBEDDED_DEFAULTS.replace("whsec_Y2", "whsec_!!")).unwrap_err();
+        assert_eq!(e.key, "webhook.secrets[0]");
+        let e = from_toml(
+            &EMBEDDED_DEFAULTS.replace("path = \"data\"", "path = \"data\"\nflavour = 1"),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "journal.flavour", "{e}");
+        let e = from_toml("[webhook]\nsecrets=[]\n").unwrap_err();
+        assert_eq!(e.key, "tencent", "{e}");
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let toml = EMBEDDED_DEFAULTS.replace("secret_key = \"chat-janitor-emulator-key\"", "");
+        let e = from_toml(&toml).unwrap_err();
+        assert_eq!(e.key, "tencent.secret_key");
+        assert!(e.to_string().contains("missing"));
+    }
+
+    #[test]
+    fn a_production_file_does_not_inherit_the_demo_emulator() {
+        let s = from_toml(
+            "[webhook]\nsecrets = [\"whsec_Y2hhdC1qYW5pdG9yLWRlbW8tc2VjcmV0LWtleQ==\"]\n\
+             [tencent]\nsdkappid = 1400000001\nsecret_key = \"k\"\n",
+        )
+        .unwrap();
+        assert!(!s.emulator.embedded);
+        assert_eq!(s.tencent.endpoint(), "https://adminapisgp.im.qcloud.com");
+        assert_eq!(s.batching.linger_ms, 200);
+    }
+
+    #[test]
+    fn webhook_secret_decoding() {
+        assert!(decode_webhook_secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").is_ok());
+        assert!(decode_webhook_secret("C2FVsBQIhrscChlQIMV+b5sSYspob7oD").is_err());
+        assert!(decode_webhook_secret("whsec_YWJj").is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! The event document (Standard Webhooks payload shape) and its strict
+//! parsing. Every refusal names the offending field, so a sender can fix it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::tencent::ids::IdError;
+use crate::tencent::{ChannelId, UserId};
+
+/// Most entries one list of an event may carry: bounded work per event.
+pub const MAX_LIST: usize = 10_000;
+
+/// A parsed, valid event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    pub data: EventData,
+}
+
+/// `data`: whose account, and what the event knows of its relationships.
+/// `None` means the event did not say (rules may then fall back to config or
+/// resolution); `Some(vec![])` means "none".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventData {
+    pub user_id: UserId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<ChannelId>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub following: Option<Vec<UserId>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub followers: Option<Vec<UserId>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned_channels: Option<Vec<ChannelId>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+}
+
+/// Why a document is not a valid event: the JSON path of the field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct ParseError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn err(field: impl Into<String>, problem: impl Into<String>) -> ParseError {
+    ParseError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+impl Event {
+    /// Parses the exact bytes received.
+    pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
+        let doc: Value = serde_json::from_slice(bytes)
+            .map_err(|e| err("(body)", format!("is not valid JSON: {e}")))?;
+        let Value::Object(root) = doc else {
+            return Err(err("(body)", "must be a JSON object"));
+        };
+        let kind = match root.get("type") {
+            Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 128 => s.clone(),
+            Some(Value::String(_)) => return Err(err("type", "must be 1 to 128 characters")),
+            Some(_) => return Err(err("type", "must be a string")),
+            None => return Err(err("type", "is required")),
+        };
+        let timestamp = match root.get("timestamp") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(err("timestamp", "must be a string")),
+        };
+        let data = match root.get("data") {
+            Some(Value::Object(d)) => d,
+            Some(_) => return Err(err("data", "must be an object")),
+            None => return Err(err("data", "is required")),
+        };
+        let user_id = match data.get("user_id") {
+            Some(Value::String(s)) => {
+                UserId::parse(s.as_str()).map_err(|e| id_err("data.user_id", e))?
+            }
+            Some(_) => return Err(err("data.user_id", "must be a string")),
+            None => return Err(err("data.user_id", "is required")),
+        };
+        let tier = match data.get("tier") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => return Err(err("data.tier", "must be a string")),
+        };
+        Ok(Event {
+            kind,
+            timestamp,
+            data: EventData {
+                user_id,
+                channels: list(data, "channels", ChannelId::parse)?,
+                following: list(data, "following", UserId::parse)?,
+                followers: list(data, "followers", UserId::parse)?,
+                owned_channels: list(data, "owned_channels", ChannelId::parse)?,
+                tier,
+            },
+        })
+    }
+
+    /// Compact JSON of the parsed event.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an Event always serializes")
+    }
+}
+
+fn id_err(field: &str, e: IdError) -> ParseError {
+    err(field, e.to_string())
+}
+
+fn list<T>(
+    data: &Map<String, Value>,
+    name: &str,
+    parse: fn(String) -> Result<T, IdError>,
+) -> Result<Option<Vec<T>>, ParseError> {
+    match data.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_LIST {
+                return Err(err(
+                    format!("data.{name}"),
+                    format!("must have at most {MAX_LIST} entries"),
+                ));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => {
+                        parse(s.clone()).map_err(|e| id_err(&format!("data.{name}[{i}]"), e))
+                    }
+                    _ => Err(err(format!("data.{name}[{i}]"), "must be a string")),
+                })
+                .collect::<Result<Vec<T>, _>>()
+                .map(Some)
+        }
+        Some(_) => Err(err(format!("data.{name}"), "must be an array of strings")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_example_parses() {
+        let e = Event::parse(
+            br#"{"type":"user.banned","timestamp":"2026-11-21T10:00:00Z","data":{
+              "user_id":"107867","channels":["@TOA#_news"],"following":["UserID_002"],
+              "followers":["UserID_009"],"owned_channels":["@TOA#_mine"],"tier":"free"}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.kind, "user.banned");
+        assert_eq!(e.data.user_id.as_str(), "107867");
+        assert_eq!(e.data.channels.as_ref().unwrap()[0].as_str(), "@TOA#_news");
+        let again = Event::parse(&e.to_json()).unwrap();
+        assert_eq!(again, e);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"nope", "(body)"),
+            (b"[]", "(body)"),
+            (br#"{"data":{"user_id":"1"}}"#, "type"),
+            (br#"{"type":1,"data":{"user_id":"1"}}"#, "type"),
+            (br#"{"type":"t"}"#, "data"),
+            (br#"{"type":"t","data":{}}"#, "data.user_id"),
+            (br#"{"type":"t","data":{"user_id":7}}"#, "data.user_id"),
+            (br#"{"type":"t","data":{"user_id":""}}"#, "data.user_id"),
+            (
+                br#"{"type":"t","data":{"user_id":"1","channels":"x"}}"#,
+                "data.channels",
+            ),
+            (
+                br#"{"type":"t","data":{"user_id":"1","channels":["@TOA#_a",3]}}"#,
+                "data.channels[1]",
+            ),
+            (
+                br#"{"type":"t","data":{"user_id":"1","channels":["news"]}}"#,
+                "data.channels[0]",
+            ),
+            (
+                br#"{"type":"t","data":{"user_id":"1","followers":[""]}}"#,
+                "data.followers[0]",
+            ),
+            (
+                br#"{"type":"t","data":{"user_id":"1","tier":5}}"#,
+                "data.tier",
+            ),
+            (
+                br#"{"type":"t","timestamp":5,"data":{"user_id":"1"}}"#,
+                "timestamp",
+            ),
+        ];
+        for (body, field) in cases {
+            let e = Event::parse(body).unwrap_err();
+            assert_eq!(&e.field, field, "{}", String::from_utf8_lossy(body));
+        }
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Arbitrary JSON, biased towards the event's own keys so that deep
+    /// paths of the parser are reached.
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let key = prop_oneof![
+            Just("type".to_owned()),
+            Just("data".to_owned()),
+            Just("user_id".to_owned()),
+            Just("channels".to_owned()),
+            Just("following".to_owned()),
+            Just("followers".to_owned()),
+            Just("owned_channels".to_owned()),
+            Just("tier".to_owned()),
+            Just("timestamp".to_owned()),
+            ".{0,8}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            prop_oneof![
+                Just("@TOA#_x".to_owned()),
+                Just("user.banned".to_owned()),
+                ".{0,300}"
+            ]
+            .prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(key.clone(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = Event::parse(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics_and_valid_events_round_trip(doc in arb_json()) {
+            if let Ok(e) = Event::parse(doc.to_string().as_bytes()) {
+                prop_assert_eq!(Event::parse(&e.to_json()).unwrap(), e);
+            }
+        }
+    }
+}

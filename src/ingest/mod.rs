@@ -1,0 +1,4 @@
+//! Where events enter: signed webhooks over HTTP.
+
+pub mod http;
+pub mod signature;

@@ -1,0 +1,379 @@
+//! Event to actions, driven by `[rules]` in the configuration. Rules are data:
+//! a new event type is a new table in the config file, not new code.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Deserialize;
+
+use crate::config::Settings;
+use crate::event::{Event, ParseError};
+use crate::tencent::{Api, ChannelId, UserId};
+
+/// Which channels a rule acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelSource {
+    /// None.
+    None,
+    /// `data.channels` only.
+    Channels,
+    /// `data.channels`, else `[channels].managed`.
+    ChannelsOrManaged,
+    /// `data.channels`, else the managed channels whose required tier is
+    /// above `data.tier`.
+    ChannelsOrTier,
+}
+
+/// One event type's rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Channels to unsubscribe `user_id` from.
+    #[serde(default = "none_source")]
+    pub unsubscribe: ChannelSource,
+    /// Remove `user_id`'s follows both ways: From=user To=`following`, and
+    /// From=each of `followers` To=user.
+    #[serde(default)]
+    pub unfollow: bool,
+    /// Destroy `owned_channels`.
+    #[serde(default)]
+    pub destroy_owned: bool,
+}
+
+fn none_source() -> ChannelSource {
+    ChannelSource::None
+}
+
+/// The contract's default rules; config tables override them per type.
+pub fn default_rules() -> BTreeMap<String, Rule> {
+    let banned = Rule {
+        unsubscribe: ChannelSource::ChannelsOrManaged,
+        unfollow: true,
+        destroy_owned: false,
+    };
+    BTreeMap::from([
+        ("user.banned".to_owned(), banned.clone()),
+        (
+            "account.deleted".to_owned(),
+            Rule {
+                destroy_owned: true,
+                ..banned
+            },
+        ),
+        (
+            "tier.downgraded".to_owned(),
+            Rule {
+                unsubscribe: ChannelSource::ChannelsOrTier,
+                unfollow: false,
+                destroy_owned: true,
+            },
+        ),
+    ])
+}
+
+/// One unit of upstream work.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    Unsubscribe { channel: ChannelId, user: UserId },
+    Unfollow { from: UserId, to: UserId },
+    Destroy { channel: ChannelId },
+}
+
+impl Action {
+    pub fn api(&self) -> Api {
+        match self {
+            Action::Unsubscribe { .. } => Api::DeleteSubscriber,
+            Action::Unfollow { .. } => Api::FollowDelete,
+            Action::Destroy { .. } => Api::DestroyOfficialAccount,
+        }
+    }
+}
+
+/// Why an event cannot be turned into actions.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("no rule for event type {0:?}")]
+    UnknownType(String),
+    #[error(transparent)]
+    Field(#[from] ParseError),
+}
+
+/// The rules and the channel facts they need, built once from settings.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    rules: BTreeMap<String, Rule>,
+    managed: Vec<ChannelId>,
+    /// Tier names, lowest first.
+    tiers: Vec<String>,
+    /// Managed channel -> rank of the tier it requires.
+    required_rank: BTreeMap<ChannelId, usize>,
+}
+
+impl Rules {
+    pub fn from_settings(s: &Settings) -> Rules {
+        let managed: Vec<ChannelId> = s
+            .channels
+            .managed
+            .iter()
+            .filter_map(|c| ChannelId::parse(c.as_str()).ok())
+            .collect();
+        let tiers = s.channels.tiers.clone();
+        let required_rank = s
+            .channels
+            .required_tier
+            .iter()
+            .filter_map(|(c, t)| {
+                Some((
+                    ChannelId::parse(c.as_str()).ok()?,
+                    tiers.iter().position(|x| x == t)?,
+                ))
+            })
+            .collect();
+        Rules {
+            rules: s.rules.clone(),
+            managed,
+            tiers,
+            required_rank,
+        }
+    }
+
+    /// Event types some rule knows (the `type` label values).
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        self.rules.keys().map(String::as_str)
+    }
+
+    pub fn knows(&self, kind: &str) -> bool {
+        self.rules.contains_key(kind)
+    }
+
+    /// The actions `event` calls for, without repeats.
+    pub fn plan(&self, event: &Event) -> Result<Vec<Action>, RuleError> {
+        let rule = self
+            .rules
+            .get(&event.kind)
+            .ok_or_else(|| RuleError::UnknownType(event.kind.clone()))?;
+        let d = &event.data;
+        let user = &d.user_id;
+        let mut actions = Vec::new();
+        let mut seen = HashSet::new();
+        let mut push = |a: Action, actions: &mut Vec<Action>| {
+            if seen.insert(a.clone()) {
+                actions.push(a);
+            }
+        };
+        let destroyed: Vec<&ChannelId> = if rule.destroy_owned {
+            d.owned_channels.iter().flatten().collect()
+        } else {
+            Vec::new()
+        };
+        for channel in self.unsubscribe_from(rule.unsubscribe, event)? {
+            // Leaving a channel that this very event destroys is moot.
+            if !destroyed.contains(&&channel) {
+                push(
+                    Action::Unsubscribe {
+                        channel,
+                        user: user.clone(),
+                    },
+                    &mut actions,
+                );
+            }
+        }
+        if rule.unfollow {
+            for to in d.following.iter().flatten().filter(|t| *t != user) {
+                push(
+                    Action::Unfollow {
+                        from: user.clone(),
+                        to: to.clone(),
+                    },
+                    &mut actions,
+                );
+            }
+            for from in d.followers.iter().flatten().filter(|f| *f != user) {
+                push(
+                    Action::Unfollow {
+                        from: from.clone(),
+                        to: user.clone(),
+                    },
+                    &mut actions,
+                );
+            }
+        }
+        for channel in destroyed {
+            push(
+                Action::Destroy {
+                    channel: channel.clone(),
+                },
+                &mut actions,
+            );
+        }
+        Ok(actions)
+    }
+
+    fn unsubscribe_from(
+        &self,
+        source: ChannelSource,
+        event: &Event,
+    ) -> Result<Vec<ChannelId>, RuleError> {
+        let named = event.data.channels.clone();
+        Ok(match (source, named) {
+            (ChannelSource::None, _) => Vec::new(),
+            (_, Some(channels)) => channels,
+            (ChannelSource::Channels, None) => Vec::new(),
+            (ChannelSource::ChannelsOrManaged, None) => self.managed.clone(),
+            (ChannelSource::ChannelsOrTier, None) => {
+                let tier = event.data.tier.as_deref().ok_or_else(|| ParseError {
+                    field: "data.tier".into(),
+                    problem: "is required when data.channels is absent".into(),
+                })?;
+                let rank = self
+                    .tiers
+                    .iter()
+                    .position(|t| t == tier)
+                    .ok_or_else(|| ParseError {
+                        field: "data.tier".into(),
+                        problem: format!("must be one of {:?}", self.tiers),
+                    })?;
+                self.managed
+                    .iter()
+                    .filter(|c| self.required_rank.get(*c).is_some_and(|r| *r > rank))
+                    .cloned()
+                    .collect()
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn rules(extra: &str) -> Rules {
+        let s = config::from_toml(&format!("{}\n{extra}", config::EMBEDDED_DEFAULTS)).unwrap();
+        Rules::from_settings(&s)
+    }
+
+    fn ev(json: &str) -> Event {
+        Event::parse(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn banned_unsubscribes_and_unfollows_both_ways() {
+        let r = rules("");
+        let a = r
+            .plan(&ev(
+                r#"{"type":"user.banned","data":{"user_id":"u","channels":["@TOA#_a"],
+                "following":["f1"],"followers":["g1","g2"],"owned_channels":["@TOA#_o"]}}"#,
+            ))
+            .unwrap();
+        let c = |s: &str| ChannelId::parse(s).unwrap();
+        let u = |s: &str| UserId::parse(s).unwrap();
+        assert_eq!(
+            a,
+            vec![
+                Action::Unsubscribe {
+                    channel: c("@TOA#_a"),
+                    user: u("u")
+                },
+                Action::Unfollow {
+                    from: u("u"),
+                    to: u("f1")
+                },
+                Action::Unfollow {
+                    from: u("g1"),
+                    to: u("u")
+                },
+                Action::Unfollow {
+                    from: u("g2"),
+                    to: u("u")
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn managed_channels_are_the_fallback() {
+        let s = config::from_toml(
+            &config::EMBEDDED_DEFAULTS
+                .replace("managed = []", "managed = [\"@TOA#_m1\", \"@TOA#_m2\"]"),
+        )
+        .unwrap();
+        let r = Rules::from_settings(&s);
+        let a = r
+            .plan(&ev(r#"{"type":"user.banned","data":{"user_id":"u"}}"#))
+            .unwrap();
+        assert_eq!(a.len(), 2);
+        // An explicit empty list means "none", not "managed".
+        let a = r
+            .plan(&ev(
+                r#"{"type":"user.banned","data":{"user_id":"u","channels":[]}}"#,
+            ))
+            .unwrap();
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn deleted_destroys_owned_and_skips_leaving_them() {
+        let r = rules("");
+        let a = r
+            .plan(&ev(r#"{"type":"account.deleted","data":{"user_id":"u",
+                "channels":["@TOA#_a","@TOA#_o"],"owned_channels":["@TOA#_o"]}}"#))
+            .unwrap();
+        assert_eq!(a.len(), 2);
+        assert!(matches!(&a[1], Action::Destroy { channel } if channel.as_str() == "@TOA#_o"));
+    }
+
+    #[test]
+    fn tier_downgrade_uses_required_tiers() {
+        let s = config::from_toml(
+            &config::EMBEDDED_DEFAULTS
+                .replace(
+                    "managed = []",
+                    "managed = [\"@TOA#_free\", \"@TOA#_plus\", \"@TOA#_pro\"]",
+                )
+                .replace("tiers = []", "tiers = [\"free\", \"plus\", \"pro\"]")
+                .replace(
+                    "required_tier = {}",
+                    "required_tier = { \"@TOA#_plus\" = \"plus\", \"@TOA#_pro\" = \"pro\" }",
+                ),
+        )
+        .unwrap();
+        let r = Rules::from_settings(&s);
+        let a = r
+            .plan(&ev(
+                r#"{"type":"tier.downgraded","data":{"user_id":"u","tier":"plus"}}"#,
+            ))
+            .unwrap();
+        assert_eq!(
+            a,
+            vec![Action::Unsubscribe {
+                channel: ChannelId::parse("@TOA#_pro").unwrap(),
+                user: UserId::parse("u").unwrap()
+            }]
+        );
+        let e = r
+            .plan(&ev(
+                r#"{"type":"tier.downgraded","data":{"user_id":"u","tier":"gold"}}"#,
+            ))
+            .unwrap_err();
+        assert!(matches!(e, RuleError::Field(p) if p.field == "data.tier"));
+    }
+
+    #[test]
+    fn unknown_types_and_config_rules() {
+        let r = rules("[rules.\"user.muted\"]\nunsubscribe = \"channels\"\n");
+        assert!(matches!(
+            r.plan(&ev(r#"{"type":"user.nope","data":{"user_id":"u"}}"#)),
+            Err(RuleError::UnknownType(_))
+        ));
+        let a = r
+            .plan(&ev(
+                r#"{"type":"user.muted","data":{"user_id":"u","channels":["@TOA#_x"]}}"#,
+            ))
+            .unwrap();
+        assert_eq!(a.len(), 1);
+        // The defaults are still there next to the new type.
+        assert!(r.knows("user.banned"));
+    }
+}

@@ -1,0 +1,300 @@
+//! Tracing setup: JSON lines when stdout is not a terminal (production),
+//! human-readable on a terminal, level from `RUST_LOG` (default `info`).
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber once; later calls do nothing.
+pub fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if std::io::stderr().is_terminal() {
+        builder.try_init()
+    } else {
+        builder.json().flatten_event(true).try_init()
+    };
+}
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::tencent::Api;
+
+/// Event sources (`source` label).
+pub const SOURCES: [&str; 2] = ["webhook", "amqp"];
+/// Why an event was refused at the edge (`reason` label).
+pub const REJECT_REASONS: [&str; 8] = [
+    "signature_missing",
+    "signature_mismatch",
+    "timestamp",
+    "malformed",
+    "unknown_type",
+    "too_large",
+    "unsupported_media_type",
+    "unavailable",
+];
+/// Per-item outcomes (`result` label).
+pub const ITEM_RESULTS: [&str; 4] = ["applied", "noop", "retried", "dead_lettered"];
+/// Why an action was dead-lettered (`reason` label).
+pub const DEAD_LETTER_REASONS: [&str; 6] = [
+    "bad_request",
+    "limit",
+    "item_failed",
+    "unknown_error",
+    "retries_exhausted",
+    "unknown_type",
+];
+/// APIs the pipeline calls (pre-populated label values).
+pub const PIPELINE_APIS: [Api; 5] = [
+    Api::DeleteSubscriber,
+    Api::FollowDelete,
+    Api::DestroyOfficialAccount,
+    Api::AddSubscriber,
+    Api::GetSubscriberInfo,
+];
+
+/// Every metric the service exports. Each has one home here; the rest of the
+/// code calls the methods below, never the registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    events_received: IntCounterVec,
+    events_rejected: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    upstream_duration: HistogramVec,
+    batch_items: HistogramVec,
+    items: IntCounterVec,
+    pending_items: IntGaugeVec,
+    open_keys: IntGauge,
+    circuit_open: IntGauge,
+    settle_seconds: Histogram,
+    dead_letters: IntCounterVec,
+    journal_events: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+impl Metrics {
+    /// Registers every series, with the label values known in advance at 0.
+    pub fn new<'a>(event_types: impl IntoIterator<Item = &'a str>) -> Metrics {
+        let r = Registry::new_custom(Some("chat_janitor".into()), None).expect("valid prefix");
+        let events_received = counter(
+            &r,
+            "events_received_total",
+            "Events accepted, by source and type.",
+            &["source", "type"],
+        );
+        let events_rejected = counter(
+            &r,
+            "events_rejected_total",
+            "Events refused at the edge, by source and reason.",
+            &["source", "reason"],
+        );
+        let upstream_requests = counter(
+            &r,
+            "upstream_requests_total",
+            "Upstream REST calls by API and outcome: 0 success, else the vendor ErrorCode, http_<status>, timeout, connect or decode.",
+            &["api", "error_code"],
+        );
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "upstream_request_duration_seconds",
+                "Upstream REST call latency.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["api"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(upstream_duration.clone()))
+            .expect("registered once");
+        let batch_items = HistogramVec::new(
+            HistogramOpts::new("batch_items", "Accounts per upstream request.").buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 19.0, 20.0, 50.0, 90.0, 99.0, 100.0,
+            ]),
+            &["api"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(batch_items.clone()))
+            .expect("registered once");
+        let items = counter(
+            &r,
+            "items_total",
+            "Per-item outcomes: applied, noop (already done), retried, dead_lettered.",
+            &["api", "result"],
+        );
+        let pending_items = IntGaugeVec::new(
+            Opts::new(
+                "pending_items",
+                "Actions accepted into the pipeline and not yet settled.",
+            ),
+            &["api"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(pending_items.clone()))
+            .expect("registered once");
+        let open_keys = IntGauge::new("open_batches", "Coalescing keys with an open batch.")
+            .expect("valid metric");
+        r.register(Box::new(open_keys.clone()))
+            .expect("registered once");
+        let circuit_open = IntGauge::new(
+            "circuit_open",
+            "1 while upstream rejects our credentials and dispatch is stopped.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(circuit_open.clone()))
+            .expect("registered once");
+        let settle_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "event_settle_seconds",
+                "Time from accepting an event to every action it produced settling.",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )
+        .expect("valid metric");
+        r.register(Box::new(settle_seconds.clone()))
+            .expect("registered once");
+        let dead_letters = counter(
+            &r,
+            "dead_letters_total",
+            "Actions dead-lettered, by reason.",
+            &["reason"],
+        );
+        let journal_events = IntGauge::new(
+            "journal_events",
+            "Events in the embedded journal not yet settled.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(journal_events.clone()))
+            .expect("registered once");
+
+        let m = Metrics {
+            registry: r,
+            events_received,
+            events_rejected,
+            upstream_requests,
+            upstream_duration,
+            batch_items,
+            items,
+            pending_items,
+            open_keys,
+            circuit_open,
+            settle_seconds,
+            dead_letters,
+            journal_events,
+        };
+        let types: Vec<&str> = event_types.into_iter().collect();
+        for source in SOURCES {
+            for t in &types {
+                m.events_received.with_label_values(&[source, t]);
+            }
+            for reason in REJECT_REASONS {
+                m.events_rejected.with_label_values(&[source, reason]);
+            }
+        }
+        for api in PIPELINE_APIS {
+            let a = api.name();
+            m.upstream_requests.with_label_values(&[a, "0"]);
+            m.upstream_duration.with_label_values(&[a]);
+            m.batch_items.with_label_values(&[a]);
+            m.pending_items.with_label_values(&[a]);
+            for result in ITEM_RESULTS {
+                m.items.with_label_values(&[a, result]);
+            }
+        }
+        for reason in DEAD_LETTER_REASONS {
+            m.dead_letters.with_label_values(&[reason]);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    pub fn event_received(&self, source: &str, kind: &str) {
+        self.events_received
+            .with_label_values(&[source, kind])
+            .inc();
+    }
+
+    pub fn event_rejected(&self, source: &str, reason: &str) {
+        self.events_rejected
+            .with_label_values(&[source, reason])
+            .inc();
+    }
+
+    /// One upstream attempt: its outcome label, latency and size.
+    pub fn upstream_request(&self, api: Api, error_code: &str, seconds: f64, items: usize) {
+        let a = api.name();
+        self.upstream_requests
+            .with_label_values(&[a, error_code])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[a])
+            .observe(seconds);
+        self.batch_items
+            .with_label_values(&[a])
+            .observe(items as f64);
+    }
+
+    pub fn items(&self, api: Api, result: &str, n: usize) {
+        if n > 0 {
+            self.items
+                .with_label_values(&[api.name(), result])
+                .inc_by(n as u64);
+        }
+    }
+
+    pub fn pending_add(&self, api: Api, delta: i64) {
+        self.pending_items
+            .with_label_values(&[api.name()])
+            .add(delta);
+    }
+
+    pub fn set_open_keys(&self, n: usize) {
+        self.open_keys.set(n as i64);
+    }
+
+    pub fn set_circuit_open(&self, open: bool) {
+        self.circuit_open.set(i64::from(open));
+    }
+
+    pub fn event_settled(&self, seconds: f64) {
+        self.settle_seconds.observe(seconds);
+    }
+
+    pub fn dead_lettered(&self, reason: &str, n: usize) {
+        self.dead_letters
+            .with_label_values(&[reason])
+            .inc_by(n as u64);
+    }
+
+    pub fn set_journal_events(&self, n: u64) {
+        self.journal_events
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}

@@ -1,0 +1,276 @@
+//! The real binary: crash safety under SIGKILL, configuration errors, the
+//! `usersig`, `emulator` and `send` commands.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use chat_janitor::emulator::{Seed, SeedChannel};
+use chat_janitor::tencent::usersig;
+use serde_json::json;
+
+use crate::helpers::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_chat-janitor");
+
+/// Starts `serve` in `dir` (so no config/default.toml is found) with the
+/// settings given as environment overrides; returns it and its port.
+fn start_serve(dir: &Path, upstream: &str, linger_ms: u64) -> (Child, u16) {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir)
+        .env("RUST_LOG", "info")
+        .env("CHAT_JANITOR__SERVER__LISTEN", "127.0.0.1:0")
+        .env("CHAT_JANITOR__EMULATOR__EMBEDDED", "false")
+        .env("CHAT_JANITOR__TENCENT__BASE_URL", upstream)
+        .env("CHAT_JANITOR__TENCENT__SECRET_KEY", KEY)
+        .env("CHAT_JANITOR__JOURNAL__PATH", dir.join("journal"))
+        .env(
+            "CHAT_JANITOR__WEBHOOK__SECRETS",
+            format!("{SECRET},{ROTATED_SECRET}"),
+        )
+        .env("CHAT_JANITOR__BATCHING__LINGER_MS", linger_ms.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let port = loop {
+        let line = lines
+            .next()
+            .expect("serve logs before exiting")
+            .expect("log line");
+        if line.contains("chat-janitor serving") {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).expect("JSON logs off a terminal");
+            break v["port"].as_u64().expect("port logged") as u16;
+        }
+    };
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
+async fn post(port: u16, id: &str, body: &serde_json::Value) -> u16 {
+    let ts = unix_now().to_string();
+    let body = body.to_string();
+    let sig = chat_janitor::ingest::signature::sign(&webhook_key(SECRET), id, &ts, body.as_bytes());
+    reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/events"))
+        .header("content-type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", ts)
+        .header("webhook-signature", sig)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn sigkill_with_batches_pending_loses_nothing_accepted() {
+    let up = TestUpstream::start().await;
+    // Under 100 per channel, so no batch fills and, with the long linger,
+    // every one of them is still open when the process is killed.
+    let members = users("s", 99);
+    up.emulator.seed(Seed {
+        channels: vec![
+            SeedChannel::new("@TOA#_k1", members.clone()),
+            SeedChannel::new("@TOA#_k2", members.clone()),
+        ],
+        ..Seed::default()
+    });
+    let dir = temp_dir();
+    // A linger far longer than the test: batches are still open when killed.
+    let (mut child, port) = start_serve(dir.path(), &up.running.base_url(), 60_000);
+    for u in &members {
+        let ev = json!({"type": "user.banned", "data": {"user_id": u, "channels": ["@TOA#_k1", "@TOA#_k2"]}});
+        assert_eq!(post(port, &format!("kill-{u}"), &ev).await, 202);
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    assert_eq!(
+        up.emulator.stats().api("delete_subscriber").calls,
+        0,
+        "nothing was sent before the kill"
+    );
+    assert_eq!(up.emulator.subscribers("@TOA#_k1").unwrap().len(), 99);
+
+    let (mut child, port) = start_serve(dir.path(), &up.running.base_url(), 50);
+    eventually(20, "every accepted event applied after restart", || async {
+        up.emulator.subscribers("@TOA#_k1").unwrap().is_empty()
+            && up.emulator.subscribers("@TOA#_k2").unwrap().is_empty()
+    })
+    .await;
+    // The ids are remembered across the crash: a sender's retry is a 200.
+    let ev = json!({"type": "user.banned", "data": {"user_id": "s0", "channels": ["@TOA#_k1"]}});
+    assert_eq!(post(port, "kill-s0", &ev).await, 200);
+    // SIGTERM drains and exits 0.
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_key() {
+    let dir = temp_dir();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("CHAT_JANITOR__TENCENT__REQUESTS_PER_SECOND", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("tencent.requests_per_second"), "{err}");
+
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        config_with("timeout_ms = 5000", "timeout_ms = \"soon\""),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("tencent.timeout_ms"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    let out = Command::new(BIN)
+        .args(["usersig", "--sdkappid", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn config_with(from: &str, to: &str) -> String {
+    chat_janitor::config::EMBEDDED_DEFAULTS.replace(from, to)
+}
+
+#[test]
+fn the_usersig_command_prints_a_valid_usersig() {
+    let out = Command::new(BIN)
+        .args([
+            "usersig",
+            "--sdkappid",
+            "1400000000",
+            "--secret-key",
+            KEY,
+            "--identifier",
+            "administrator",
+            "--expire",
+            "3600",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let sig = String::from_utf8(out.stdout).unwrap();
+    let claims = usersig::verify(
+        sig.trim(),
+        KEY,
+        1_400_000_000,
+        "administrator",
+        unix_now() as u64,
+    )
+    .unwrap();
+    assert_eq!(claims.expire, 3600);
+}
+
+#[tokio::test]
+async fn the_emulator_command_serves_vendor_shaped_answers() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(BIN)
+        .args([
+            "emulator",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--secret-key",
+            KEY,
+            "--rate",
+            "50",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("emulator listening"), "{first}");
+    let sig = usersig::generate(KEY, 1_400_000_000, "administrator", unix_now() as u64, 3600);
+    let url = format!(
+        "http://127.0.0.1:{port}/v4/official_account_open_http_svc/destroy_official_account?sdkappid=1400000000&identifier=administrator&usersig={sig}&random=42&contenttype=json"
+    );
+    let v: serde_json::Value = reqwest::Client::new()
+        .post(&url)
+        .body(r#"{"Official_Account":"@TOA#_nope"}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["ActionStatus"], "FAIL");
+    assert_eq!(v["ErrorCode"], 130004);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn send_signs_and_posts_an_event() {
+    let up = TestUpstream::start().await;
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new("@TOA#_snd", ["sender1"])],
+        ..Seed::default()
+    });
+    let dir = temp_dir();
+    let app = TestApp::spawn(test_settings(&up.running.base_url(), dir.path())).await;
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "send",
+            "user.banned",
+            "--user",
+            "sender1",
+            "--channel",
+            "@TOA#_snd",
+            "--url",
+            &app.url("/v1/events"),
+            "--secret",
+            SECRET,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8(out.stdout).unwrap().starts_with("202"));
+    eventually(5, "applied", || async {
+        up.emulator.subscribers("@TOA#_snd").unwrap().is_empty()
+    })
+    .await;
+    app.stop().await;
+}

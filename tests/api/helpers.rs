@@ -1,0 +1,242 @@
+//! Shared test plumbing: an emulator on port 0 and a client pointed at it.
+
+use std::time::Duration;
+
+use chat_janitor::emulator::{Emulator, EmulatorConfig, RunningEmulator};
+use chat_janitor::tencent::{ChannelId, ClientOptions, TencentClient, UserId};
+use secrecy::SecretString;
+
+pub const SDKAPPID: u64 = 1_400_000_000;
+pub const KEY: &str = "test-secret-key-0123456789abcdef";
+pub const ADMIN: &str = "administrator";
+
+pub struct TestUpstream {
+    pub emulator: Emulator,
+    pub running: RunningEmulator,
+}
+
+impl TestUpstream {
+    pub async fn start() -> Self {
+        Self::start_with(EmulatorConfig {
+            sdkappid: SDKAPPID,
+            secret_key: KEY.into(),
+            admins: vec![ADMIN.into()],
+            ..EmulatorConfig::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(config: EmulatorConfig) -> Self {
+        let emulator = Emulator::new(config);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let running = emulator.serve(listener).await.expect("emulator starts");
+        TestUpstream { emulator, running }
+    }
+
+    pub fn client(&self) -> TencentClient {
+        self.client_with_key(KEY)
+    }
+
+    pub fn client_with_key(&self, key: &str) -> TencentClient {
+        TencentClient::new(ClientOptions {
+            base_url: self.running.base_url(),
+            sdkappid: SDKAPPID,
+            secret_key: SecretString::from(key.to_owned()),
+            admin_identifier: ADMIN.into(),
+            timeout: Duration::from_secs(5),
+        })
+        .expect("client builds")
+    }
+}
+
+pub fn uid(s: impl Into<String>) -> UserId {
+    UserId::parse(s).expect("valid user id")
+}
+
+pub fn chan(s: &str) -> ChannelId {
+    ChannelId::parse(s).expect("valid channel id")
+}
+
+pub fn users(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+// ---- the app on port 0
+
+use std::path::Path;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use chat_janitor::app::Application;
+use chat_janitor::config::{self, Settings};
+use chat_janitor::ingest::signature;
+use tempfile::TempDir;
+
+/// The webhook secret test apps accept (plus `ROTATED_SECRET`).
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const ROTATED_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+/// Settings for a test app: port 0, the given upstream, a journal in `dir`,
+/// fast retries.
+pub fn test_settings(upstream_url: &str, dir: &Path) -> Settings {
+    let mut s = config::from_toml(config::EMBEDDED_DEFAULTS).expect("defaults are valid");
+    s.server.listen = "127.0.0.1:0".parse().unwrap();
+    s.emulator.embedded = false;
+    s.tencent.base_url = upstream_url.to_owned();
+    s.tencent.secret_key = SecretString::from(KEY.to_owned());
+    s.tencent.admin_identifier = ADMIN.into();
+    s.webhook.secrets = vec![
+        SecretString::from(SECRET.to_owned()),
+        SecretString::from(ROTATED_SECRET.to_owned()),
+    ];
+    s.journal.path = dir.to_owned();
+    s.dispatch.retry_base_ms = 5;
+    s.dispatch.retry_max_ms = 100;
+    s.dispatch.probe_interval_ms = 50;
+    s.admin.token = SecretString::from(ADMIN_TOKEN.to_owned());
+    s
+}
+
+pub struct TestApp {
+    pub port: u16,
+    pub http: reqwest::Client,
+    pub journal: chat_janitor::inbox::journal::Journal,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub fn webhook_key(secret: &str) -> Vec<u8> {
+    STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .expect("test secrets are base64")
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+impl TestApp {
+    pub async fn spawn(settings: Settings) -> TestApp {
+        let app = Application::build(settings).await.expect("app builds");
+        let port = app.port();
+        let journal = app.journal();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        TestApp {
+            port,
+            http: reqwest::Client::new(),
+            journal,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Posts `body` signed with `secret` at `ts`, under `id`.
+    pub async fn post_signed(
+        &self,
+        id: &str,
+        ts: i64,
+        secret: &str,
+        body: &str,
+    ) -> reqwest::Response {
+        let ts = ts.to_string();
+        let sig = signature::sign(&webhook_key(secret), id, &ts, body.as_bytes());
+        self.http
+            .post(self.url("/v1/events"))
+            .header("content-type", "application/json")
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts)
+            .header("webhook-signature", sig)
+            .body(body.to_owned())
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Posts an event of `kind` with `data`, signed now with `SECRET`.
+    pub async fn post_event(
+        &self,
+        id: &str,
+        kind: &str,
+        data: serde_json::Value,
+    ) -> reqwest::Response {
+        let body =
+            serde_json::json!({"type": kind, "timestamp": "2026-11-21T10:00:00Z", "data": data});
+        self.post_signed(id, unix_now(), SECRET, &body.to_string())
+            .await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one sample line of `/metrics`, e.g.
+    /// `chat_janitor_dead_letters_total{reason="bad_request"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no series {series}"))
+    }
+
+    pub async fn dead_letters(&self) -> Vec<serde_json::Value> {
+        let v: serde_json::Value = self
+            .http
+            .get(self.url("/v1/admin/dead-letters"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["dead_letters"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Graceful stop (as on SIGTERM).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("app task").expect("app stops cleanly");
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it holds or `secs` pass.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn temp_dir() -> TempDir {
+    tempfile::tempdir().expect("temp dir")
+}

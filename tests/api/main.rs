@@ -1,0 +1,11 @@
+//! The one integration-test binary: each module drives real parts (the
+//! emulator and the app on loopback port 0, a temp journal) through their
+//! public surface.
+
+mod binary;
+mod client;
+mod emulator;
+mod helpers;
+mod pipeline;
+mod usersig;
+mod webhook;

@@ -1,0 +1,334 @@
+//! The embedded pipeline end to end: signed webhooks in, coalesced calls out,
+//! against the emulator, under faults.
+
+use std::collections::HashSet;
+
+use chat_janitor::emulator::{FaultRule, Faults, Seed, SeedChannel};
+use secrecy::SecretString;
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn seed_channels(up: &TestUpstream, channels: &[String], members: &[String]) {
+    up.emulator.seed(Seed {
+        channels: channels
+            .iter()
+            .map(|c| SeedChannel::new(c.clone(), members.to_vec()))
+            .collect(),
+        ..Seed::default()
+    });
+}
+
+#[tokio::test]
+async fn a_ban_wave_is_coalesced_into_full_batches() {
+    let up = TestUpstream::start().await;
+    let channels: Vec<String> = (0..5).map(|i| format!("@TOA#_c{i}")).collect();
+    let members = users("u", 400);
+    seed_channels(&up, &channels, &members);
+    let dir = temp_dir();
+    let app = TestApp::spawn(test_settings(&up.running.base_url(), dir.path())).await;
+
+    let posts = members.iter().map(|u| {
+        let app = &app;
+        let channels = channels.clone();
+        async move {
+            let r = app
+                .post_event(
+                    &format!("ban-{u}"),
+                    "user.banned",
+                    json!({"user_id": u, "channels": channels}),
+                )
+                .await;
+            assert_eq!(r.status(), 202);
+        }
+    });
+    futures_util::future::join_all(posts).await;
+
+    eventually(20, "every subscription removed", || async {
+        channels
+            .iter()
+            .all(|c| up.emulator.subscribers(c).unwrap().is_empty())
+    })
+    .await;
+
+    let calls: Vec<_> = up
+        .emulator
+        .calls()
+        .into_iter()
+        .filter(|c| c.api == "delete_subscriber")
+        .collect();
+    let minimum = channels.len() * 400usize.div_ceil(100);
+    assert!(
+        calls.len() <= 2 * minimum,
+        "{} calls, minimum {minimum}",
+        calls.len()
+    );
+    for c in &calls {
+        assert!(c.accounts.len() <= 100);
+        let distinct: HashSet<_> = c.accounts.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            c.accounts.len(),
+            "an account twice in one call"
+        );
+    }
+    assert!(app.dead_letters().await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unfollows_and_destroys_follow_the_rules() {
+    let up = TestUpstream::start().await;
+    up.emulator.seed(Seed {
+        channels: vec![
+            SeedChannel::new("@TOA#_a", ["gone", "stays"]),
+            SeedChannel::new("@TOA#_mine", ["x", "y"]),
+        ],
+        follows: vec![
+            chat_janitor::emulator::SeedFollow::new("gone", ["f1", "f2"]),
+            chat_janitor::emulator::SeedFollow::new("g1", ["gone", "other"]),
+        ],
+        ..Seed::default()
+    });
+    let dir = temp_dir();
+    let app = TestApp::spawn(test_settings(&up.running.base_url(), dir.path())).await;
+    let r = app
+        .post_event(
+            "del-1",
+            "account.deleted",
+            json!({"user_id": "gone", "channels": ["@TOA#_a", "@TOA#_mine"],
+                   "following": ["f1", "f2"], "followers": ["g1"], "owned_channels": ["@TOA#_mine"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    eventually(10, "account cleaned up", || async {
+        up.emulator.subscribers("@TOA#_a").unwrap() == ["stays"]
+            && !up.emulator.channel_exists("@TOA#_mine")
+            && up.emulator.following("gone").is_empty()
+            && up.emulator.following("g1") == ["other"]
+    })
+    .await;
+    eventually(5, "settled", || async {
+        app.metric("chat_janitor_pending_items{api=\"follow_delete\"}")
+            .await
+            == 0.0
+    })
+    .await;
+    // Leaving a channel the same event destroys is never sent.
+    assert!(up
+        .emulator
+        .calls()
+        .iter()
+        .all(|c| !(c.api == "delete_subscriber" && c.key.as_deref() == Some("@TOA#_mine"))));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn everything_is_applied_through_transient_faults() {
+    let up = TestUpstream::start().await;
+    let channels: Vec<String> = (0..3).map(|i| format!("@TOA#_f{i}")).collect();
+    let members = users("v", 300);
+    seed_channels(&up, &channels, &members);
+    up.emulator.set_faults(Faults::new(vec![
+        FaultRule::error_code(None, 10004).with_rate(0.20),
+        FaultRule::http_status(None, 502).with_rate(0.02),
+        FaultRule {
+            item_failure_rate: 0.05,
+            ..FaultRule::for_api(None)
+        },
+    ]));
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.batching.linger_ms = 50;
+    let app = TestApp::spawn(settings).await;
+    for (i, u) in members.iter().enumerate() {
+        let following = if i % 10 == 0 {
+            json!(["t1", "t2"])
+        } else {
+            json!([])
+        };
+        let r = app
+            .post_event(
+                &format!("f-{u}"),
+                "user.banned",
+                json!({"user_id": u, "channels": channels, "following": following}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    eventually(30, "every subscription removed despite faults", || async {
+        channels
+            .iter()
+            .all(|c| up.emulator.subscribers(c).unwrap().is_empty())
+    })
+    .await;
+    eventually(10, "nothing pending", || async {
+        app.metric("chat_janitor_pending_items{api=\"delete_subscriber\"}")
+            .await
+            == 0.0
+            && app
+                .metric("chat_janitor_pending_items{api=\"follow_delete\"}")
+                .await
+                == 0.0
+    })
+    .await;
+    let stats = up.emulator.stats().api("delete_subscriber");
+    assert!(stats.code("10004") > 0, "faults were injected: {stats:?}");
+    assert!(
+        stats.item_failures > 0,
+        "item faults were injected: {stats:?}"
+    );
+    assert!(app.dead_letters().await.is_empty());
+    let m = app.metrics().await;
+    assert!(m.contains(
+        "chat_janitor_upstream_requests_total{api=\"delete_subscriber\",error_code=\"10004\"}"
+    ));
+    assert!(m.contains("chat_janitor_upstream_requests_total{api=\"delete_subscriber\",error_code=\"http_502\"}") || stats.code("http_502") == 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_bad_account_is_isolated_and_dead_lettered_alone() {
+    let up = TestUpstream::start().await;
+    let mut members = users("w", 99);
+    seed_channels(&up, &["@TOA#_iso".to_owned()], &members);
+    members.insert(40, "bad account".to_owned());
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.batching.linger_ms = 1000;
+    let app = TestApp::spawn(settings).await;
+    for u in &members {
+        let r = app
+            .post_event(
+                &format!("iso-{u}"),
+                "user.banned",
+                json!({"user_id": u, "channels": ["@TOA#_iso"]}),
+            )
+            .await;
+        assert_eq!(r.status(), 202, "{u}");
+    }
+    eventually(10, "the 99 removed", || async {
+        up.emulator.subscribers("@TOA#_iso").unwrap().is_empty()
+    })
+    .await;
+    eventually(5, "one dead letter", || async {
+        app.dead_letters().await.len() == 1
+    })
+    .await;
+    let dl = &app.dead_letters().await[0];
+    assert_eq!(dl["reason"], "bad_request");
+    assert_eq!(dl["action"]["user"], "bad account");
+    assert!(dl["detail"].as_str().unwrap().contains("6017"), "{dl}");
+    assert_eq!(dl["event_id"], "iso-bad account");
+    assert_eq!(
+        app.metric("chat_janitor_dead_letters_total{reason=\"bad_request\"}")
+            .await,
+        1.0
+    );
+    // The first call carried all 100 and was refused as a whole.
+    let calls = up.emulator.calls();
+    assert_eq!(calls[0].accounts.len(), 100);
+    assert_eq!(calls[0].error_code, 6017);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn rejected_credentials_stop_dispatch_without_dead_letters() {
+    let up = TestUpstream::start().await;
+    let members = users("k", 20);
+    seed_channels(&up, &["@TOA#_cred".to_owned()], &members);
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.tencent.secret_key = SecretString::from("a-rotated-away-key".to_owned());
+    let app = TestApp::spawn(settings).await;
+    for u in &members {
+        let r = app
+            .post_event(
+                &format!("cred-{u}"),
+                "user.banned",
+                json!({"user_id": u, "channels": ["@TOA#_cred"]}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    eventually(10, "readyz names the credentials", || async {
+        let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+        r.status() == 503 && r.text().await.unwrap().contains("credentials")
+    })
+    .await;
+    // Probes keep being refused; nothing is dead-lettered meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(app.dead_letters().await.is_empty());
+    assert_eq!(app.metric("chat_janitor_circuit_open").await, 1.0);
+    assert_eq!(up.emulator.subscribers("@TOA#_cred").unwrap().len(), 20);
+    app.stop().await;
+
+    // The key fixed, a restart applies the backlog from the journal.
+    let app = TestApp::spawn(test_settings(&up.running.base_url(), dir.path())).await;
+    eventually(10, "backlog applied", || async {
+        up.emulator.subscribers("@TOA#_cred").unwrap().is_empty()
+    })
+    .await;
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(app.dead_letters().await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_replayed() {
+    let up = TestUpstream::start().await;
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new("@TOA#_rp", ["r1"])],
+        ..Seed::default()
+    });
+    // Every call fails with a code no table lists, so the item is
+    // dead-lettered after max_attempts.
+    up.emulator
+        .set_faults(Faults::new(vec![FaultRule::error_code(
+            Some("delete_subscriber"),
+            99999,
+        )]));
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.dispatch.max_attempts = 2;
+    settings.batching.linger_ms = 10;
+    let app = TestApp::spawn(settings).await;
+    let r = app
+        .post_event(
+            "rp-1",
+            "user.banned",
+            json!({"user_id": "r1", "channels": ["@TOA#_rp"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    eventually(10, "dead-lettered", || async {
+        app.dead_letters().await.len() == 1
+    })
+    .await;
+    assert_eq!(app.dead_letters().await[0]["reason"], "unknown_error");
+
+    up.emulator.clear_faults();
+    let r = app
+        .http
+        .post(app.url("/v1/admin/dead-letters/replay"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    eventually(10, "replayed and applied", || async {
+        up.emulator.subscribers("@TOA#_rp").unwrap().is_empty()
+    })
+    .await;
+    assert!(app.dead_letters().await.is_empty());
+    // Without the token the admin routes refuse.
+    let r = app
+        .http
+        .get(app.url("/v1/admin/dead-letters"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    app.stop().await;
+}
