@@ -1,6 +1,6 @@
 //! Builds the whole service from settings and runs it until a shutdown
 //! signal, then drains it in order: stop intake, flush batches, finish the
-//! calls in flight, settle, sync the journal.
+//! calls in flight, settle (ack), and close the journal or the broker link.
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -11,11 +11,14 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{decode_webhook_secret, Settings};
 use crate::dispatch::DeadLetterSink;
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
-use crate::inbox::{self, journal::Journal};
+use crate::inbox::broker::{BrokerDeadLetters, BrokerLink};
+use crate::inbox::{self, journal::Journal, Intake};
+use crate::ingest::amqp::Consumer;
 use crate::ingest::http::{self, HttpState};
 use crate::ingest::signature::Verifier;
 use crate::pipeline::{Pipeline, PipelineHandles};
@@ -26,21 +29,31 @@ use crate::tencent::{ClientOptions, TencentClient};
 /// How long shutdown waits for in-flight work to settle.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// What holds accepted events, and what must be closed last.
+enum Backend {
+    Journal(Journal),
+    Broker {
+        link: Arc<BrokerLink>,
+        dead: Arc<BrokerDeadLetters>,
+        acks: TaskTracker,
+    },
+}
+
 /// A built, bound, not yet running service.
 pub struct Application {
     port: u16,
     server: actix_web::dev::Server,
-    journal: Journal,
+    backend: Backend,
     handles: PipelineHandles,
-    feeder_stop: CancellationToken,
-    feeder: tokio::task::JoinHandle<()>,
+    intake_stop: CancellationToken,
+    intake_task: tokio::task::JoinHandle<()>,
     metrics: Metrics,
     emulator: Option<RunningEmulator>,
 }
 
 impl Application {
-    /// Opens the journal, starts the pipeline and binds the HTTP listener
-    /// (port 0 picks a free port; see `port`).
+    /// Opens the journal (or the broker link), starts the pipeline and binds
+    /// the HTTP listener (port 0 picks a free port; see `port`).
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
         let rules = Arc::new(Rules::from_settings(&settings));
         let metrics = Metrics::new(rules.types());
@@ -50,7 +63,7 @@ impl Application {
             let running = start_demo_emulator(&settings).await?;
             tracing::warn!(
                 url = %running.base_url(),
-                "upstream is the built-in emulator (demo mode: [emulator] embedded = true)"
+                "upstream is the built-in emulator (demo mode: emulator.embedded = true)"
             );
             client_opts.base_url = running.base_url();
             Some(running)
@@ -59,21 +72,57 @@ impl Application {
         };
         let client = Arc::new(TencentClient::new(client_opts).context("building the HTTP client")?);
 
-        let journal = Journal::open(&settings.journal.path).with_context(|| {
-            format!("opening the journal in {}", settings.journal.path.display())
-        })?;
-        let dead: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
-        let (pipeline, handles) = Pipeline::start(&settings, client, dead, metrics.clone());
-
-        let feeder_stop = CancellationToken::new();
-        let feeder = tokio::spawn(inbox::feed(
-            journal.clone(),
-            pipeline,
-            rules.clone(),
-            metrics.clone(),
-            feeder_stop.clone(),
-        ));
-        spawn_id_pruning(journal.clone(), feeder_stop.clone());
+        let intake_stop = CancellationToken::new();
+        let (backend, intake, handles, intake_task) = if settings.amqp.enabled() {
+            let link = BrokerLink::new(
+                settings.amqp.url.clone(),
+                settings.amqp.queue.clone(),
+                settings.amqp.prefetch,
+            );
+            let dead = BrokerDeadLetters::start(link.clone());
+            let sink: Arc<dyn DeadLetterSink> = dead.clone();
+            let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
+            let acks = TaskTracker::new();
+            let consumer = Consumer {
+                link: link.clone(),
+                pipeline,
+                rules: rules.clone(),
+                metrics: metrics.clone(),
+                dead: dead.clone(),
+                acks: acks.clone(),
+            };
+            let task = tokio::spawn(consumer.run(intake_stop.clone()));
+            (
+                Backend::Broker {
+                    link: link.clone(),
+                    dead,
+                    acks,
+                },
+                Intake::Broker(link),
+                handles,
+                task,
+            )
+        } else {
+            let journal = Journal::open(&settings.journal.path).with_context(|| {
+                format!("opening the journal in {}", settings.journal.path.display())
+            })?;
+            let sink: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
+            let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
+            let task = tokio::spawn(inbox::feed(
+                journal.clone(),
+                pipeline,
+                rules.clone(),
+                metrics.clone(),
+                intake_stop.clone(),
+            ));
+            spawn_id_pruning(journal.clone(), intake_stop.clone());
+            (
+                Backend::Journal(journal.clone()),
+                Intake::Journal(journal),
+                handles,
+                task,
+            )
+        };
 
         let keys = settings
             .webhook
@@ -84,7 +133,7 @@ impl Application {
         let state = web::Data::new(HttpState {
             verifier: Verifier::new(keys, settings.webhook.tolerance_seconds),
             rules,
-            journal: journal.clone(),
+            intake,
             metrics: metrics.clone(),
             circuit: handles.circuit.clone(),
             body_limit: settings.server.body_limit_bytes,
@@ -102,14 +151,19 @@ impl Application {
         .disable_signals()
         .shutdown_timeout(5)
         .run();
-        tracing::info!(port, journal = %settings.journal.path.display(), "chat-janitor serving");
+        let mode = if settings.amqp.enabled() {
+            "broker"
+        } else {
+            "embedded"
+        };
+        tracing::info!(port, mode, "chat-janitor serving");
         Ok(Application {
             port,
             server,
-            journal,
+            backend,
             handles,
-            feeder_stop,
-            feeder,
+            intake_stop,
+            intake_task,
             metrics,
             emulator,
         })
@@ -119,9 +173,13 @@ impl Application {
         self.port
     }
 
-    /// The journal (tests use it to simulate storage refusing appends).
-    pub fn journal(&self) -> Journal {
-        self.journal.clone()
+    /// The journal, in embedded mode (tests use it to simulate storage
+    /// refusing appends).
+    pub fn journal(&self) -> Option<Journal> {
+        match &self.backend {
+            Backend::Journal(j) => Some(j.clone()),
+            Backend::Broker { .. } => None,
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -133,22 +191,33 @@ impl Application {
         self.emulator.as_ref().map(RunningEmulator::base_url)
     }
 
-    /// Serves until `shutdown` resolves (or the server fails), then drains.
+    /// Serves until `shutdown` resolves, then drains.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let server = tokio::spawn(self.server);
-        tokio::select! {
-            _ = shutdown => tracing::info!("shutting down: intake stops"),
-        }
+        shutdown.await;
+        tracing::info!("shutting down: intake stops");
         handle.stop(true).await;
         let _ = server.await;
-        self.journal.close_intake();
-        // No new events enter; the feeder stops and drops its pipeline
-        // handle, so the coalescer flushes every open batch.
-        self.feeder_stop.cancel();
-        let _ = self.feeder.await;
+        if let Backend::Journal(j) = &self.backend {
+            j.close_intake();
+        }
+        // The feeder or consumer stops and drops its pipeline handle, so the
+        // coalescer sends every open batch.
+        self.intake_stop.cancel();
+        let _ = self.intake_task.await;
         self.handles.drain(SHUTDOWN_GRACE).await;
-        self.journal.sync().await.ok();
+        match self.backend {
+            Backend::Journal(j) => {
+                j.sync().await.ok();
+            }
+            Backend::Broker { link, dead, acks } => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), dead.flushed()).await;
+                acks.close();
+                let _ = tokio::time::timeout(Duration::from_secs(5), acks.wait()).await;
+                link.close().await;
+            }
+        }
         if let Some(e) = self.emulator {
             e.stop().await;
         }

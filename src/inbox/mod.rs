@@ -1,6 +1,7 @@
 //! Where accepted events wait until they settle. Embedded mode: the redb
 //! journal, fed into the pipeline by `feed`.
 
+pub mod broker;
 pub mod journal;
 
 use std::sync::Arc;
@@ -15,7 +16,57 @@ use crate::pipeline::Pipeline;
 use crate::rules::Rules;
 use crate::settle::EventMeta;
 use crate::telemetry::Metrics;
+use broker::{BrokerError, BrokerLink};
 use journal::{unix_now, DeadLetter, Journal, Record};
+use journal::{Appended, JournalError};
+
+/// Where the webhook endpoint puts an accepted event.
+#[derive(Clone)]
+pub enum Intake {
+    /// Embedded mode: fsynced to the local journal.
+    Journal(Journal),
+    /// Broker mode: published to RabbitMQ and confirmed.
+    Broker(Arc<BrokerLink>),
+}
+
+/// Why an event could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl Intake {
+    /// Stores an event durably; `Duplicate` if its id was accepted before.
+    pub async fn accept(&self, id: &str, body: String) -> Result<Appended, IntakeError> {
+        match self {
+            Intake::Journal(j) => Ok(j.append(id, body).await?),
+            Intake::Broker(b) => Ok(if b.publish_event(id, body.as_bytes()).await? {
+                Appended::New(0)
+            } else {
+                Appended::Duplicate
+            }),
+        }
+    }
+
+    /// Why events cannot be accepted and dispatched now, if so.
+    pub fn not_ready(&self) -> Option<String> {
+        match self {
+            Intake::Journal(_) => None,
+            Intake::Broker(b) if !b.is_connected() => Some("broker unreachable".to_owned()),
+            Intake::Broker(_) => None,
+        }
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        match self {
+            Intake::Journal(j) => Some(j),
+            Intake::Broker(_) => None,
+        }
+    }
+}
 
 impl DeadLetterSink for Journal {
     fn record(&self, dl: DeadLetter) {

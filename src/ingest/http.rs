@@ -16,7 +16,8 @@ use subtle::ConstantTimeEq;
 use super::signature::{SignatureError, Verifier};
 use crate::dispatch::Circuit;
 use crate::event::Event;
-use crate::inbox::journal::{Appended, Journal, JournalError};
+use crate::inbox::journal::{Appended, JournalError};
+use crate::inbox::{Intake, IntakeError};
 use crate::rules::{RuleError, Rules};
 use crate::telemetry::Metrics;
 
@@ -24,7 +25,7 @@ use crate::telemetry::Metrics;
 pub struct HttpState {
     pub verifier: Verifier,
     pub rules: Arc<Rules>,
-    pub journal: Journal,
+    pub intake: Intake,
     pub metrics: Metrics,
     pub circuit: Arc<Circuit>,
     pub body_limit: usize,
@@ -218,10 +219,10 @@ async fn post_event(
         };
     }
     let compact = String::from_utf8(event.to_json()).expect("serde_json writes UTF-8");
-    match state.journal.append(id, compact).await {
-        Ok(Appended::New(seq)) => {
+    match state.intake.accept(id, compact).await {
+        Ok(Appended::New(_)) => {
             m.event_received("webhook", &event.kind);
-            tracing::debug!(seq, kind = %event.kind, "event accepted");
+            tracing::debug!(kind = %event.kind, "event accepted");
             HttpResponse::Accepted().json(json!({"status": "accepted", "id": id}))
         }
         Ok(Appended::Duplicate) => {
@@ -229,7 +230,7 @@ async fn post_event(
         }
         Err(e) => {
             reject("unavailable");
-            if !matches!(e, JournalError::Busy) {
+            if !matches!(e, IntakeError::Journal(JournalError::Busy)) {
                 tracing::error!(error = %e, "cannot store an event");
             }
             let mut r = problem(
@@ -246,7 +247,9 @@ async fn post_event(
 }
 
 async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
-    state.metrics.set_journal_events(state.journal.pending());
+    if let Some(j) = state.intake.journal() {
+        state.metrics.set_journal_events(j.pending());
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
@@ -257,12 +260,20 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
-    match state.circuit.open_reason() {
-        None => HttpResponse::Ok().json(json!({"status": "ready"})),
-        Some(reason) => HttpResponse::ServiceUnavailable().json(json!({
+    let mut reasons = Vec::new();
+    if let Some(r) = state.intake.not_ready() {
+        reasons.push(r);
+    }
+    if let Some(r) = state.circuit.open_reason() {
+        reasons.push(format!("upstream credentials rejected: {r}"));
+    }
+    if reasons.is_empty() {
+        HttpResponse::Ok().json(json!({"status": "ready"}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(json!({
             "status": "not ready",
-            "reason": format!("upstream credentials rejected: {reason}"),
-        })),
+            "reason": reasons.join("; "),
+        }))
     }
 }
 
@@ -305,8 +316,10 @@ async fn list_dead_letters(
     if let Some(denied) = admin_denied(&req, &state.admin_token) {
         return denied;
     }
-    match state
-        .journal
+    let Some(journal) = state.intake.journal() else {
+        return broker_dead_letters();
+    };
+    match journal
         .dead_letters(q.limit.unwrap_or(1000).min(100_000))
         .await
     {
@@ -348,7 +361,10 @@ async fn replay_dead_letters(
             }
         }
     };
-    match state.journal.replay_dead_letters(parsed.ids).await {
+    let Some(journal) = state.intake.journal() else {
+        return broker_dead_letters();
+    };
+    match journal.replay_dead_letters(parsed.ids).await {
         Ok(n) => HttpResponse::Accepted().json(json!({"replayed": n})),
         Err(e) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -357,4 +373,14 @@ async fn replay_dead_letters(
             None,
         ),
     }
+}
+
+/// In broker mode dead letters are messages in `<queue>.dead`.
+fn broker_dead_letters() -> HttpResponse {
+    problem(
+        StatusCode::NOT_IMPLEMENTED,
+        "Dead letters are on the broker",
+        "in broker mode dead letters are messages in the queue <amqp.queue>.dead; read or move them with RabbitMQ's tools",
+        None,
+    )
 }

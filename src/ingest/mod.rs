@@ -1,4 +1,5 @@
 //! Where events enter: signed webhooks over HTTP.
 
+pub mod amqp;
 pub mod http;
 pub mod signature;

@@ -101,7 +101,8 @@ pub fn test_settings(upstream_url: &str, dir: &Path) -> Settings {
 pub struct TestApp {
     pub port: u16,
     pub http: reqwest::Client,
-    pub journal: chat_janitor::inbox::journal::Journal,
+    /// The journal, in embedded mode.
+    pub journal: Option<chat_janitor::inbox::journal::Journal>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }

@@ -2,6 +2,7 @@
 //! emulator and the app on loopback port 0, a temp journal) through their
 //! public surface.
 
+mod amqp;
 mod binary;
 mod client;
 mod emulator;

@@ -262,7 +262,7 @@ async fn storage_refusing_is_503_with_retry_after_and_keeps_what_was_accepted() 
             .status(),
         202
     );
-    app.journal.close_intake();
+    app.journal.as_ref().expect("embedded mode").close_intake();
     let r = app.post_signed("s-2", unix_now(), SECRET, BODY).await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));

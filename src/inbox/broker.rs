@@ -1,0 +1,349 @@
+//! Broker mode: RabbitMQ holds accepted events, so replicas stay stateless.
+//! One connection (lapin, automatic recovery on) carries a publishing
+//! channel in confirm mode (webhooks are published and confirmed before
+//! their 202; action dead letters are published before their delivery is
+//! acked) and the consumer's channel.
+//!
+//! Topology, declared idempotently: a durable quorum queue with an explicit
+//! delivery limit and a dead-letter exchange `<queue>.dlx` (fanout) bound to
+//! `<queue>.dead`. A queue that already exists with other arguments is used
+//! as it is, with a warning.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use parking_lot::Mutex;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{mpsc, watch};
+
+use super::journal::DeadLetter;
+use crate::dispatch::DeadLetterSink;
+
+/// Deliveries of one message before the quorum queue dead-letters it.
+pub const DELIVERY_LIMIT: i64 = 20;
+/// Longest wait for a publisher confirm before answering 503.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// webhook-ids this replica remembers for duplicate answers.
+const RECENT_IDS: usize = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("broker did not confirm the publish in time")]
+    ConfirmTimeout,
+    #[error("broker refused the publish ({0})")]
+    Refused(&'static str),
+}
+
+/// The dead-letter exchange of a queue.
+pub fn dlx_name(queue: &str) -> String {
+    format!("{queue}.dlx")
+}
+
+/// The queue dead letters (rejected messages, failed actions) land in.
+pub fn dead_queue_name(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+/// The shared connection and publishing channel, re-established on demand.
+pub struct BrokerLink {
+    uri: SecretString,
+    pub queue: String,
+    pub prefetch: u16,
+    state: tokio::sync::Mutex<Option<Linked>>,
+    recent: Mutex<(HashSet<String>, VecDeque<String>)>,
+}
+
+#[derive(Clone)]
+struct Linked {
+    conn: Arc<Connection>,
+    publish: Channel,
+}
+
+impl std::fmt::Debug for BrokerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerLink")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in entries {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+impl BrokerLink {
+    pub fn new(uri: SecretString, queue: String, prefetch: u16) -> Arc<BrokerLink> {
+        Arc::new(BrokerLink {
+            uri,
+            queue,
+            prefetch,
+            state: tokio::sync::Mutex::new(None),
+            recent: Mutex::new((HashSet::new(), VecDeque::new())),
+        })
+    }
+
+    /// The live connection, connecting (and declaring the topology) if
+    /// there is none or the last one is gone for good.
+    pub async fn connection(&self) -> Result<Arc<Connection>, BrokerError> {
+        Ok(self.linked().await?.conn)
+    }
+
+    async fn linked(&self) -> Result<Linked, BrokerError> {
+        let mut state = self.state.lock().await;
+        if let Some(l) = state.as_ref() {
+            let s = l.conn.status();
+            if s.connected() || s.reconnecting() || s.connecting() {
+                return Ok(l.clone());
+            }
+        }
+        let props = ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!(
+                "chat-janitor {}",
+                std::process::id()
+            )))
+            .enable_auto_recover();
+        let conn = Connection::connect(self.uri.expose_secret(), props).await?;
+        declare_topology(&conn, &self.queue).await?;
+        let publish = conn.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        tracing::info!(queue = %self.queue, "connected to the broker");
+        let linked = Linked {
+            conn: Arc::new(conn),
+            publish,
+        };
+        *state = Some(linked.clone());
+        Ok(linked)
+    }
+
+    /// Whether the broker connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        match self.state.try_lock() {
+            Ok(s) => s.as_ref().is_some_and(|l| l.conn.status().connected()),
+            // Someone is (re)connecting right now.
+            Err(_) => false,
+        }
+    }
+
+    /// Publishes one persistent message to `exchange`/`routing_key` and
+    /// waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let linked = self.linked().await?;
+        let confirm = linked
+            .publish
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await?;
+        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Err(_) => Err(BrokerError::ConfirmTimeout),
+            Ok(Err(e)) => Err(e.into()),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(BrokerError::Refused("unroutable")),
+            Ok(Ok(Confirmation::Nack(_))) => Err(BrokerError::Refused("nack")),
+            Ok(Ok(Confirmation::NotRequested)) => Err(BrokerError::Refused("no confirm")),
+        }
+    }
+
+    /// Publishes an accepted webhook to the queue. `false`: this replica saw
+    /// the id already (best effort: the broker has no dedupe of its own).
+    pub async fn publish_event(&self, id: &str, body: &[u8]) -> Result<bool, BrokerError> {
+        if self.recent.lock().0.contains(id) {
+            return Ok(false);
+        }
+        let props = BasicProperties::default()
+            .with_message_id(ShortString::from(id))
+            .with_content_type(ShortString::from("application/json"));
+        self.publish("", &self.queue, body, props).await?;
+        let mut recent = self.recent.lock();
+        if recent.0.insert(id.to_owned()) {
+            recent.1.push_back(id.to_owned());
+            if recent.1.len() > RECENT_IDS {
+                if let Some(old) = recent.1.pop_front() {
+                    recent.0.remove(&old);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Closes the connection (unacked deliveries return to the queue).
+    pub async fn close(&self) {
+        if let Some(l) = self.state.lock().await.take() {
+            let _ = l.conn.close(200, ShortString::from("shutdown")).await;
+        }
+    }
+}
+
+/// Declares the dead-letter exchange and queue, then the work queue as a
+/// quorum queue. If the work queue exists with other arguments, the broker
+/// refuses (and closes the channel); we then check it exists and use it.
+async fn declare_topology(conn: &Connection, queue: &str) -> Result<(), BrokerError> {
+    let ch = conn.create_channel().await?;
+    let dlx = dlx_name(queue);
+    let dead = dead_queue_name(queue);
+    ch.exchange_declare(
+        ShortString::from(dlx.as_str()),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(
+        ShortString::from(dead.as_str()),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        table(&[(
+            "x-queue-type",
+            AMQPValue::LongString(LongString::from("quorum")),
+        )]),
+    )
+    .await?;
+    ch.queue_bind(
+        ShortString::from(dead.as_str()),
+        ShortString::from(dlx.as_str()),
+        ShortString::from(""),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let args = table(&[
+        (
+            "x-queue-type",
+            AMQPValue::LongString(LongString::from("quorum")),
+        ),
+        ("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT)),
+        (
+            "x-dead-letter-exchange",
+            AMQPValue::LongString(LongString::from(dlx.as_str())),
+        ),
+    ]);
+    let declared = ch
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await;
+    if let Err(e) = declared {
+        // 406 PRECONDITION_FAILED: it exists with other arguments.
+        tracing::debug!(error = %e, "queue declare refused; checking for an existing queue");
+        let ch = conn.create_channel().await?;
+        ch.queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        tracing::warn!(
+            queue,
+            missing = "x-queue-type=quorum, x-delivery-limit, x-dead-letter-exchange",
+            "the queue exists with other arguments; using it as it is. Without a delivery limit and a dead-letter exchange, a message that keeps failing is redelivered forever and rejected messages are dropped"
+        );
+        let _ = ch.close(200, ShortString::from("done")).await;
+    } else {
+        let _ = ch.close(200, ShortString::from("done")).await;
+    }
+    Ok(())
+}
+
+/// Broker mode's dead-letter sink: each record is published (confirmed) to
+/// the dead-letter exchange. `settled_after` lets an ack wait until the
+/// dead letters recorded before it are confirmed, so none is lost between
+/// the ack and a crash.
+pub struct BrokerDeadLetters {
+    tx: mpsc::UnboundedSender<DeadLetter>,
+    enqueued: AtomicU64,
+    confirmed: watch::Receiver<u64>,
+}
+
+impl BrokerDeadLetters {
+    pub fn start(link: Arc<BrokerLink>) -> Arc<BrokerDeadLetters> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<DeadLetter>();
+        let (confirmed_tx, confirmed) = watch::channel(0u64);
+        tokio::spawn(async move {
+            let exchange = dlx_name(&link.queue);
+            let mut done = 0u64;
+            while let Some(dl) = rx.recv().await {
+                let body = serde_json::to_vec(&dl).expect("dead letters serialize");
+                let props = BasicProperties::default()
+                    .with_message_id(ShortString::from(dl.event_id.as_str()))
+                    .with_content_type(ShortString::from("application/json"))
+                    .with_headers(table(&[(
+                        "x-chat-janitor-dead-letter",
+                        AMQPValue::LongString(LongString::from(dl.reason.as_str())),
+                    )]));
+                let mut backoff = Duration::from_millis(100);
+                while let Err(e) = link
+                    .publish(&exchange, "action", &body, props.clone())
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot publish a dead letter yet; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                done += 1;
+                confirmed_tx.send_replace(done);
+            }
+        });
+        Arc::new(BrokerDeadLetters {
+            tx,
+            enqueued: AtomicU64::new(0),
+            confirmed,
+        })
+    }
+
+    /// Waits until every dead letter recorded so far is confirmed.
+    pub async fn flushed(&self) {
+        let target = self.enqueued.load(Ordering::Acquire);
+        let mut rx = self.confirmed.clone();
+        let _ = rx.wait_for(|n| *n >= target).await;
+    }
+}
+
+impl DeadLetterSink for BrokerDeadLetters {
+    fn record(&self, dl: DeadLetter) {
+        self.enqueued.fetch_add(1, Ordering::AcqRel);
+        let _ = self.tx.send(dl);
+    }
+}

@@ -1,0 +1,452 @@
+//! Broker mode against the real RabbitMQ on 127.0.0.1:5672. Each test uses
+//! its own queue; they take a shared lock because one of them restarts the
+//! broker application.
+
+use std::time::Duration;
+
+use chat_janitor::emulator::{Seed, SeedChannel};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::json;
+
+use crate::helpers::*;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Serialises the broker tests (one of them stops the broker).
+static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn queue_name(test: &str) -> String {
+    format!("cj-test-{test}-{:08x}", rand::random::<u32>())
+}
+
+fn broker_settings(
+    upstream: &str,
+    dir: &std::path::Path,
+    queue: &str,
+) -> chat_janitor::config::Settings {
+    let mut s = test_settings(upstream, dir);
+    s.amqp.url = secrecy::SecretString::from(AMQP_URL.to_owned());
+    s.amqp.queue = queue.to_owned();
+    s.amqp.prefetch = 500;
+    s.batching.linger_ms = 50;
+    s
+}
+
+/// A producer of our own: persistent messages, publisher confirms.
+struct Producer {
+    _conn: Connection,
+    channel: lapin::Channel,
+    queue: String,
+}
+
+impl Producer {
+    async fn new(queue: &str) -> Producer {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("the broker at 127.0.0.1:5672 is running");
+        let channel = conn.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        Producer {
+            _conn: conn,
+            channel,
+            queue: queue.to_owned(),
+        }
+    }
+
+    async fn publish(&self, id: &str, body: &[u8]) {
+        self.channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(self.queue.as_str()),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_message_id(ShortString::from(id))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    async fn ban(&self, user: &str, channels: &[&str]) {
+        let body = json!({"type": "user.banned", "data": {"user_id": user, "channels": channels}});
+        self.publish(&format!("amqp-{user}"), body.to_string().as_bytes())
+            .await;
+    }
+}
+
+/// Ready messages in `queue` (after our consumers closed, unacked ones are
+/// back to ready, so 0 means nothing was left unacked).
+async fn message_count(queue: &str) -> u32 {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    q.message_count()
+}
+
+async fn delete_queues(queue: &str) {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for q in [queue.to_owned(), format!("{queue}.dead")] {
+        let _ = ch
+            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
+            .await;
+    }
+    let _ = ch
+        .exchange_delete(
+            ShortString::from(format!("{queue}.dlx").as_str()),
+            Default::default(),
+        )
+        .await;
+}
+
+fn seed(up: &TestUpstream, channel: &str, members: &[String]) {
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new(channel, members.to_vec())],
+        ..Seed::default()
+    });
+}
+
+#[tokio::test]
+async fn a_thousand_persistent_events_are_all_applied() {
+    let _lock = BROKER.lock().await;
+    let up = TestUpstream::start().await;
+    let members = users("p", 1000);
+    seed(&up, "@TOA#_q1", &members);
+    seed(&up, "@TOA#_q2", &members);
+    let queue = queue_name("thousand");
+    let dir = temp_dir();
+    let app = TestApp::spawn(broker_settings(&up.running.base_url(), dir.path(), &queue)).await;
+    eventually(10, "ready", || async {
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    let producer = Producer::new(&queue).await;
+    for u in &members {
+        producer.ban(u, &["@TOA#_q1", "@TOA#_q2"]).await;
+    }
+    eventually(30, "all 2,000 subscriptions removed", || async {
+        up.emulator.subscribers("@TOA#_q1").unwrap().is_empty()
+            && up.emulator.subscribers("@TOA#_q2").unwrap().is_empty()
+    })
+    .await;
+    eventually(10, "every delivery settled", || async {
+        app.metric("chat_janitor_pending_items{api=\"delete_subscriber\"}")
+            .await
+            == 0.0
+    })
+    .await;
+    assert_eq!(
+        app.metric("chat_janitor_events_received_total{source=\"amqp\",type=\"user.banned\"}")
+            .await,
+        1000.0
+    );
+    // Coalesced: one call per account would be 2,000. (Exact fill depends on
+    // how fast the producer publishes; the embedded test and the benchmark
+    // measure it.)
+    let calls = up.emulator.stats().api("delete_subscriber").calls;
+    assert!(calls < 200, "{calls} calls for 2,000 removals");
+    app.stop().await;
+    assert_eq!(
+        message_count(&queue).await,
+        0,
+        "the queue ends empty, nothing unacked"
+    );
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn bad_messages_go_to_the_dead_letter_queue_and_the_rest_proceed() {
+    let _lock = BROKER.lock().await;
+    let up = TestUpstream::start().await;
+    let members = users("d", 50);
+    seed(&up, "@TOA#_dl", &members);
+    let queue = queue_name("bad");
+    let dir = temp_dir();
+    let app = TestApp::spawn(broker_settings(&up.running.base_url(), dir.path(), &queue)).await;
+    eventually(10, "ready", || async {
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    let producer = Producer::new(&queue).await;
+    for (i, u) in members.iter().enumerate() {
+        if i == 10 {
+            producer.publish("not-json", b"this is not JSON").await;
+        }
+        if i == 30 {
+            producer
+                .publish(
+                    "no-user",
+                    br#"{"type":"user.banned","data":{"channels":["@TOA#_dl"]}}"#,
+                )
+                .await;
+        }
+        producer.ban(u, &["@TOA#_dl"]).await;
+    }
+    eventually(20, "the valid ones applied", || async {
+        up.emulator.subscribers("@TOA#_dl").unwrap().is_empty()
+    })
+    .await;
+    eventually(10, "both bad messages dead-lettered", || async {
+        message_count(&format!("{queue}.dead")).await == 2
+    })
+    .await;
+    assert_eq!(
+        app.metric("chat_janitor_events_rejected_total{reason=\"malformed\",source=\"amqp\"}")
+            .await,
+        2.0
+    );
+    app.stop().await;
+    assert_eq!(message_count(&queue).await, 0);
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn webhooks_travel_through_the_broker() {
+    let _lock = BROKER.lock().await;
+    let up = TestUpstream::start().await;
+    let members = users("h", 30);
+    seed(&up, "@TOA#_wh", &members);
+    let queue = queue_name("webhook");
+    let dir = temp_dir();
+    let app = TestApp::spawn(broker_settings(&up.running.base_url(), dir.path(), &queue)).await;
+    eventually(10, "ready", || async {
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    for u in &members {
+        let r = app
+            .post_event(
+                &format!("wh-{u}"),
+                "user.banned",
+                json!({"user_id": u, "channels": ["@TOA#_wh"]}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    // The same id again: this replica remembers it.
+    let r = app
+        .post_event(
+            "wh-h0",
+            "user.banned",
+            json!({"user_id": "h0", "channels": ["@TOA#_wh"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    eventually(20, "applied", || async {
+        up.emulator.subscribers("@TOA#_wh").unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(
+        app.metric("chat_janitor_events_received_total{source=\"amqp\",type=\"user.banned\"}")
+            .await,
+        30.0,
+        "each webhook was consumed back from the queue"
+    );
+    // The journal is not used in broker mode.
+    assert!(!dir.path().join("journal.redb").exists());
+    app.stop().await;
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_queue() {
+    let _lock = BROKER.lock().await;
+    let up = TestUpstream::start().await;
+    let members = users("r", 2000);
+    seed(&up, "@TOA#_rep", &members);
+    let queue = queue_name("replicas");
+    let (d1, d2) = (temp_dir(), temp_dir());
+    let mut s1 = broker_settings(&up.running.base_url(), d1.path(), &queue);
+    let mut s2 = broker_settings(&up.running.base_url(), d2.path(), &queue);
+    // Each replica takes half of the upstream rate.
+    s1.tencent.requests_per_second = 100;
+    s2.tencent.requests_per_second = 100;
+    s1.amqp.prefetch = 200;
+    s2.amqp.prefetch = 200;
+    let a = TestApp::spawn(s1).await;
+    let b = TestApp::spawn(s2).await;
+    for app in [&a, &b] {
+        eventually(10, "ready", || async {
+            app.http
+                .get(app.url("/readyz"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+        })
+        .await;
+    }
+    let producer = Producer::new(&queue).await;
+    for u in &members {
+        producer.ban(u, &["@TOA#_rep"]).await;
+    }
+    eventually(30, "the whole stream applied", || async {
+        up.emulator.subscribers("@TOA#_rep").unwrap().is_empty()
+    })
+    .await;
+    let ra = a
+        .metric("chat_janitor_events_received_total{source=\"amqp\",type=\"user.banned\"}")
+        .await;
+    let rb = b
+        .metric("chat_janitor_events_received_total{source=\"amqp\",type=\"user.banned\"}")
+        .await;
+    assert!(ra > 0.0 && rb > 0.0, "both replicas worked: {ra} + {rb}");
+    assert!(ra + rb >= 2000.0);
+    a.stop().await;
+    b.stop().await;
+    assert_eq!(message_count(&queue).await, 0);
+    delete_queues(&queue).await;
+}
+
+#[tokio::test]
+async fn a_broker_restart_mid_stream_loses_nothing() {
+    let _lock = BROKER.lock().await;
+    let up = TestUpstream::start().await;
+    let members = users("b", 400);
+    let channels = ["@TOA#_rs0", "@TOA#_rs1", "@TOA#_rs2", "@TOA#_rs3"];
+    for c in channels {
+        seed(&up, c, &members);
+    }
+    let queue = queue_name("restart");
+    let dir = temp_dir();
+    let mut settings = broker_settings(&up.running.base_url(), dir.path(), &queue);
+    // Slow enough that deliveries are still unacked when the broker stops.
+    settings.tencent.requests_per_second = 4;
+    let app = TestApp::spawn(settings).await;
+    eventually(10, "ready", || async {
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    {
+        let producer = Producer::new(&queue).await;
+        for u in &members[..200] {
+            producer.ban(u, &channels).await;
+        }
+    }
+    eventually(10, "work in flight", || async {
+        app.metric("chat_janitor_pending_items{api=\"delete_subscriber\"}")
+            .await
+            > 0.0
+    })
+    .await;
+    rabbitmqctl("stop_app");
+    // Whatever happens below, the broker is started again for the others.
+    let _restart = StartAppOnDrop;
+    eventually(10, "readyz says the broker is unreachable", || async {
+        let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+        r.status() == 503 && r.text().await.unwrap().contains("broker")
+    })
+    .await;
+    rabbitmqctl("start_app");
+    let producer = loop {
+        // The broker takes a moment to accept connections again.
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            Connection::connect(AMQP_URL, ConnectionProperties::default()),
+        )
+        .await
+        {
+            Ok(Ok(_)) => break Producer::new(&queue).await,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    for u in &members[200..] {
+        producer.ban(u, &channels).await;
+    }
+    eventually(
+        60,
+        "every event before and after the restart applied",
+        || async {
+            channels
+                .iter()
+                .all(|c| up.emulator.subscribers(c).unwrap().is_empty())
+        },
+    )
+    .await;
+    eventually(20, "ready again, nothing pending", || async {
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+            && app
+                .metric("chat_janitor_pending_items{api=\"delete_subscriber\"}")
+                .await
+                == 0.0
+    })
+    .await;
+    app.stop().await;
+    assert_eq!(message_count(&queue).await, 0);
+    delete_queues(&queue).await;
+}
+
+fn rabbitmqctl(cmd: &str) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .arg(cmd)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("rabbitmqctl is installed");
+    assert!(status.success(), "rabbitmqctl {cmd}");
+}
+
+struct StartAppOnDrop;
+
+impl Drop for StartAppOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .arg("start_app")
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
