@@ -245,11 +245,16 @@ impl Default for JournalSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct BatchingSettings {
     pub linger_ms: u64,
+    /// Caps accounts per call below the vendor's limits (100 / 20).
+    pub max_batch_items: usize,
 }
 
 impl Default for BatchingSettings {
     fn default() -> Self {
-        BatchingSettings { linger_ms: 200 }
+        BatchingSettings {
+            linger_ms: 200,
+            max_batch_items: 100,
+        }
     }
 }
 
@@ -487,6 +492,9 @@ impl Settings {
         }
         if self.batching.linger_ms > 60_000 {
             return bad("batching.linger_ms", "must be at most 60000");
+        }
+        if !(1..=100).contains(&self.batching.max_batch_items) {
+            return bad("batching.max_batch_items", "must be between 1 and 100");
         }
         for (i, c) in self.channels.managed.iter().enumerate() {
             if let Err(e) = ChannelId::parse(c.as_str()) {

@@ -90,6 +90,7 @@ impl Pipeline {
         let coalescer = Coalescer::new(
             Duration::from_millis(settings.batching.linger_ms),
             d.max_open_keys,
+            settings.batching.max_batch_items,
             batch_tx,
             metrics.clone(),
         );

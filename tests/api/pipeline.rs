@@ -332,3 +332,45 @@ async fn dead_letters_can_be_replayed() {
     assert_eq!(r.status(), 401);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_limiter_keeps_every_second_within_the_rate() {
+    // The emulator refuses the 51st call in any sliding second.
+    let up = TestUpstream::start_with(chat_janitor::emulator::EmulatorConfig {
+        sdkappid: SDKAPPID,
+        secret_key: KEY.into(),
+        admins: vec![ADMIN.into()],
+        rate_per_api: 50,
+        ..Default::default()
+    })
+    .await;
+    let owned: Vec<String> = (0..100).map(|i| format!("@TOA#_own{i}")).collect();
+    up.emulator.seed(Seed {
+        channels: owned
+            .iter()
+            .map(|c| SeedChannel::new(c.clone(), ["x"]))
+            .collect(),
+        ..Seed::default()
+    });
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.tencent.requests_per_second = 50;
+    let app = TestApp::spawn(settings).await;
+    let r = app
+        .post_event(
+            "own-1",
+            "account.deleted",
+            json!({"user_id": "owner", "channels": [], "owned_channels": owned}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    eventually(10, "100 channels destroyed", || async {
+        owned.iter().all(|c| !up.emulator.channel_exists(c))
+    })
+    .await;
+    let stats = up.emulator.stats().api("destroy_official_account");
+    assert_eq!(stats.code("60007"), 0, "{stats:?}");
+    assert!(stats.peak_calls_per_second <= 50, "{stats:?}");
+    assert_eq!(stats.calls, 100);
+    app.stop().await;
+}
