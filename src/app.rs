@@ -22,7 +22,9 @@ use crate::ingest::amqp::Consumer;
 use crate::ingest::http::{self, HttpState};
 use crate::ingest::signature::Verifier;
 use crate::pipeline::{Pipeline, PipelineHandles};
+use crate::resolve::Planner;
 use crate::rules::Rules;
+use crate::sweep::{spawn_subscriber_counts, Sweeps};
 use crate::telemetry::Metrics;
 use crate::tencent::{ClientOptions, TencentClient};
 
@@ -47,6 +49,7 @@ pub struct Application {
     handles: PipelineHandles,
     intake_stop: CancellationToken,
     intake_task: tokio::task::JoinHandle<()>,
+    sweeps: Arc<Sweeps>,
     metrics: Metrics,
     emulator: Option<RunningEmulator>,
 }
@@ -73,7 +76,7 @@ impl Application {
         let client = Arc::new(TencentClient::new(client_opts).context("building the HTTP client")?);
 
         let intake_stop = CancellationToken::new();
-        let (backend, intake, handles, intake_task) = if settings.amqp.enabled() {
+        let (backend, intake, handles, intake_task, sweeps) = if settings.amqp.enabled() {
             let link = BrokerLink::new(
                 settings.amqp.url.clone(),
                 settings.amqp.queue.clone(),
@@ -82,11 +85,12 @@ impl Application {
             let dead = BrokerDeadLetters::start(link.clone());
             let sink: Arc<dyn DeadLetterSink> = dead.clone();
             let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
+            let sweeps = Sweeps::new(handles.dispatcher.clone(), pipeline.clone());
             let acks = TaskTracker::new();
             let consumer = Consumer {
                 link: link.clone(),
                 pipeline,
-                rules: rules.clone(),
+                planner: Arc::new(Planner::new(rules.clone(), handles.dispatcher.clone())),
                 metrics: metrics.clone(),
                 dead: dead.clone(),
                 acks: acks.clone(),
@@ -101,6 +105,7 @@ impl Application {
                 Intake::Broker(link),
                 handles,
                 task,
+                sweeps,
             )
         } else {
             let journal = Journal::open(&settings.journal.path).with_context(|| {
@@ -108,10 +113,11 @@ impl Application {
             })?;
             let sink: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
             let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
+            let sweeps = Sweeps::new(handles.dispatcher.clone(), pipeline.clone());
             let task = tokio::spawn(inbox::feed(
                 journal.clone(),
                 pipeline,
-                rules.clone(),
+                Arc::new(Planner::new(rules.clone(), handles.dispatcher.clone())),
                 metrics.clone(),
                 intake_stop.clone(),
             ));
@@ -121,6 +127,7 @@ impl Application {
                 Intake::Journal(journal),
                 handles,
                 task,
+                sweeps,
             )
         };
 
@@ -132,13 +139,21 @@ impl Application {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let state = web::Data::new(HttpState {
             verifier: Verifier::new(keys, settings.webhook.tolerance_seconds),
-            rules,
+            rules: rules.clone(),
             intake,
             metrics: metrics.clone(),
             circuit: handles.circuit.clone(),
             body_limit: settings.server.body_limit_bytes,
             admin_token: settings.admin.token.clone(),
+            sweeps: sweeps.clone(),
         });
+        spawn_subscriber_counts(
+            handles.dispatcher.clone(),
+            rules.managed().to_vec(),
+            Duration::from_secs(settings.channels.count_interval_seconds),
+            metrics.clone(),
+            intake_stop.clone(),
+        );
         let listener = TcpListener::bind(settings.server.listen)
             .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
         let port = listener.local_addr()?.port();
@@ -164,6 +179,7 @@ impl Application {
             handles,
             intake_stop,
             intake_task,
+            sweeps,
             metrics,
             emulator,
         })
@@ -202,8 +218,9 @@ impl Application {
         if let Backend::Journal(j) = &self.backend {
             j.close_intake();
         }
-        // The feeder or consumer stops and drops its pipeline handle, so the
-        // coalescer sends every open batch.
+        // The feeder or consumer (and the sweeps) drop their pipeline
+        // handles, so the coalescer sends every open batch.
+        self.sweeps.close();
         self.intake_stop.cancel();
         let _ = self.intake_task.await;
         self.handles.drain(SHUTDOWN_GRACE).await;

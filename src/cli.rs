@@ -85,6 +85,25 @@ pub enum Command {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Remove every subscriber of a channel who is on a deny list, through a
+    /// running service (admin route), and report what was found and removed.
+    Sweep {
+        #[arg(long)]
+        channel: String,
+        /// File of user ids, one per line (`#` comments and blank lines
+        /// ignored). Without it the sweep only counts.
+        #[arg(long)]
+        deny: Option<PathBuf>,
+        /// Find, but remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The running service.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The service's [admin] token.
+        #[arg(long, env = "CHAT_JANITOR__ADMIN__TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Print a UserSig (version 2).
     Usersig {
         #[arg(long)]
@@ -182,6 +201,22 @@ pub fn run(cli: Cli) -> ExitCode {
             let id = id.unwrap_or_else(|| format!("msg_{:032x}", rand::random::<u128>()));
             block_on(send(url, key, id, body))
         }
+        Command::Sweep {
+            channel,
+            deny,
+            dry_run,
+            url,
+            token,
+        } => {
+            let deny_list = match deny {
+                None => Vec::new(),
+                Some(path) => match std::fs::read_to_string(&path) {
+                    Ok(text) => parse_deny_list(&text),
+                    Err(e) => return usage_error(&format!("--deny: {}: {e}", path.display())),
+                },
+            };
+            block_on(sweep(url, token, channel, deny_list, dry_run))
+        }
         Command::Serve { config } => match config::load(config.as_deref()) {
             Err(e) => config_error(&e),
             Ok((settings, source)) => {
@@ -274,6 +309,89 @@ async fn send(url: String, key: Vec<u8>, id: String, body: String) -> anyhow::Re
     } else {
         anyhow::bail!("the server answered {status}")
     }
+}
+
+/// User ids from a deny-list file: one per line, `#` comments and blank
+/// lines ignored.
+pub fn parse_deny_list(text: &str) -> Vec<String> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn sweep(
+    url: String,
+    token: String,
+    channel: String,
+    deny: Vec<String>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let http = reqwest::Client::new();
+    let base = url.trim_end_matches('/');
+    let resp = http
+        .post(format!("{base}/v1/admin/sweeps"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"channel": channel, "deny": deny, "dry_run": dry_run}))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        anyhow::bail!(
+            "the service refused the sweep: {status} {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let started: serde_json::Value = resp.json().await?;
+    let id = started["id"].as_u64().unwrap_or(0);
+    let tty = std::io::stderr().is_terminal();
+    let status = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let s: serde_json::Value = http
+            .get(format!("{base}/v1/admin/sweeps/{id}"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if tty {
+            let mut err = std::io::stderr();
+            let _ = write!(
+                err,
+                "\rsweep {id}: {} pages, {}/{} subscribers scanned, {} found, {} removed   ",
+                s["pages"], s["scanned"], s["subscriber_num"], s["found"], s["removed"]
+            );
+            let _ = err.flush();
+        }
+        if s["state"] != "running" {
+            if tty {
+                eprintln!();
+            }
+            break s;
+        }
+    };
+    println!(
+        "channel {}: {} subscribers scanned in {} pages; {} on the deny list; {} removed{}",
+        status["channel"].as_str().unwrap_or(""),
+        status["scanned"],
+        status["pages"],
+        status["found"],
+        status["removed"],
+        if dry_run { " (dry run)" } else { "" }
+    );
+    for account in status["found_sample"].as_array().into_iter().flatten() {
+        println!("  {}", account.as_str().unwrap_or(""));
+    }
+    if status["state"] == "failed" {
+        anyhow::bail!(
+            "sweep failed: {}",
+            status["error"].as_str().unwrap_or("unknown error")
+        );
+    }
+    Ok(())
 }
 
 fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

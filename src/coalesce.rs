@@ -57,6 +57,10 @@ impl BatchKey {
                     user: u.clone(),
                 }
             }
+            (Target::Channel(c), Some(u)) if self.api == Api::AddSubscriber => Action::Subscribe {
+                channel: c.clone(),
+                user: u.clone(),
+            },
             (Target::From(f), Some(u)) => Action::Unfollow {
                 from: f.clone(),
                 to: u.clone(),
@@ -95,7 +99,28 @@ pub fn key_of(action: Action) -> (BatchKey, Option<UserId>) {
             },
             None,
         ),
+        Action::Subscribe { channel, user } => (
+            BatchKey {
+                api: Api::AddSubscriber,
+                target: Target::Channel(channel),
+            },
+            Some(user),
+        ),
     }
+}
+
+/// The key whose pending work a new action on `key` cancels: an addition
+/// and a removal of the same account on the same channel.
+fn opposite(key: &BatchKey) -> Option<BatchKey> {
+    let api = match key.api {
+        Api::DeleteSubscriber => Api::AddSubscriber,
+        Api::AddSubscriber => Api::DeleteSubscriber,
+        _ => return None,
+    };
+    Some(BatchKey {
+        api,
+        target: key.target.clone(),
+    })
 }
 
 /// A set of distinct accounts for one call, each with the items (one per
@@ -252,6 +277,7 @@ impl Coalescer {
                 if key.api == Api::DestroyOfficialAccount {
                     self.add_destroy(key, item, now).await
                 } else if let Some(member) = member {
+                    self.supersede(&key, &member);
                     self.add_member(key, member, vec![item], now).await
                 } else {
                     Ok(())
@@ -296,6 +322,28 @@ impl Coalescer {
             self.send(b).await?;
         }
         Ok(())
+    }
+
+    /// A later action wins over a pending opposite one for the same account
+    /// and channel: the earlier one is never sent and settles as a noop.
+    fn supersede(&mut self, key: &BatchKey, member: &UserId) {
+        let Some(other) = opposite(key) else { return };
+        let Some(batch) = self.open.get_mut(&other) else {
+            return;
+        };
+        let Some(items) = batch.members.shift_remove(member) else {
+            return;
+        };
+        let n = items.len();
+        self.metrics.items(other.api, "noop", n);
+        self.metrics.pending_add(other.api, -(n as i64));
+        for i in items {
+            i.origin.settle_one();
+        }
+        if batch.members.is_empty() && batch.whole.is_empty() {
+            self.open.remove(&other);
+            self.metrics.set_open_keys(self.open.len());
+        }
     }
 
     async fn add_destroy(&mut self, key: BatchKey, item: Item, now: Instant) -> Result<(), Closed> {

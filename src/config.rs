@@ -258,7 +258,7 @@ impl Default for BatchingSettings {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChannelSettings {
     #[serde(deserialize_with = "string_list")]
@@ -268,6 +268,20 @@ pub struct ChannelSettings {
     pub tiers: Vec<String>,
     /// Managed channel -> the tier it requires.
     pub required_tier: BTreeMap<String, String>,
+    /// How often (seconds) to read each managed channel's subscriber count
+    /// for `chat_janitor_managed_channel_subscribers`; 0 turns it off.
+    pub count_interval_seconds: u64,
+}
+
+impl Default for ChannelSettings {
+    fn default() -> Self {
+        ChannelSettings {
+            managed: Vec::new(),
+            tiers: Vec::new(),
+            required_tier: BTreeMap::new(),
+            count_interval_seconds: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -30,6 +30,15 @@ pub trait DeadLetterSink: Send + Sync {
     fn record(&self, dl: DeadLetter);
 }
 
+/// Why a read gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("shutting down")]
+    Stopped,
+}
+
 /// How long a 60007-class answer pauses its API.
 const RATE_LIMIT_PAUSE: Duration = Duration::from_secs(1);
 
@@ -342,10 +351,11 @@ impl Dispatcher {
                             Some(halves)
                         }
                         Err(single) => {
-                            let reason = if class == ErrorClass::Limit {
-                                "limit"
-                            } else {
-                                "bad_request"
+                            let reason = match (class, err.vendor_code()) {
+                                (ErrorClass::Limit, Some(130006)) => "channel_full",
+                                (ErrorClass::Limit, Some(130010)) => "subscription_limit",
+                                (ErrorClass::Limit, _) => "limit",
+                                _ => "bad_request",
                             };
                             self.dead_letter_batch(single, reason, &err.to_string());
                             None
@@ -354,6 +364,70 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    /// A read (or any single call) under the same rules as the batches: the
+    /// circuit, the API's limiter and in-flight cap, retries with backoff
+    /// for transient answers, a pause on 60007-class ones. Returns the
+    /// first answer that retrying cannot change.
+    pub async fn read<T, F, Fut>(&self, api: Api, call: F) -> Result<T, ReadError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let gate = &self.gates[&api];
+        let mut attempt: u32 = 0;
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            let pass = self
+                .circuit
+                .pass(&self.stop)
+                .await
+                .ok_or(ReadError::Stopped)?;
+            let permit = gate.enter(&self.stop).await.ok_or(ReadError::Stopped)?;
+            let started = Instant::now();
+            let result = call().await;
+            drop(permit);
+            let code = match &result {
+                Ok(_) => "0".to_owned(),
+                Err(e) => e.metric_code(),
+            };
+            self.metrics
+                .upstream_call(api, &code, started.elapsed().as_secs_f64());
+            let err = match result {
+                Ok(v) => {
+                    self.circuit.success(pass);
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            let class = err.class();
+            if class != ErrorClass::Credentials {
+                self.circuit.success(pass);
+            }
+            match class {
+                ErrorClass::Credentials => self.circuit.reject(pass, err.to_string()),
+                ErrorClass::RateLimited => gate.pause(),
+                ErrorClass::Transient | ErrorClass::Unknown => {
+                    let since = *failing_since.get_or_insert(started);
+                    attempt += 1;
+                    let exhausted = if class == ErrorClass::Unknown {
+                        attempt >= self.settings.max_attempts
+                    } else {
+                        since.elapsed() >= Duration::from_secs(self.settings.give_up_after_seconds)
+                    };
+                    if exhausted || !self.sleep(self.backoff(attempt)).await {
+                        return Err(ReadError::Api(err));
+                    }
+                }
+                _ => return Err(ReadError::Api(err)),
+            }
+        }
+    }
+
+    /// The client, for building read calls.
+    pub fn client(&self) -> &TencentClient {
+        &self.client
     }
 
     async fn call(&self, batch: &Batch) -> Result<BatchOutcome, ApiError> {
@@ -368,6 +442,11 @@ impl Dispatcher {
                 let b = FollowBatch::try_from_iter(members())
                     .expect("the coalescer keeps batches within capacity");
                 self.client.follow_delete(f, &b).await
+            }
+            (Api::AddSubscriber, Target::Channel(c)) => {
+                let b = SubscriberBatch::try_from_iter(members())
+                    .expect("the coalescer keeps batches within capacity");
+                self.client.add_subscriber(c, &b).await
             }
             (Api::DestroyOfficialAccount, Target::Channel(c)) => self
                 .client

@@ -36,6 +36,8 @@ pub struct Pipeline {
 /// What keeps running behind the pipeline, for shutdown and readiness.
 pub struct PipelineHandles {
     pub circuit: Arc<Circuit>,
+    /// For reads (resolution, sweeps, counts) under the same limits.
+    pub dispatcher: Arc<Dispatcher>,
     pub tasks: TaskTracker,
     /// Fires to abandon waits (backoff, circuit) at the end of the grace.
     pub hard_stop: CancellationToken,
@@ -105,7 +107,7 @@ impl Pipeline {
             metrics.clone(),
             hard_stop.clone(),
         );
-        tasks.spawn(dispatcher.run(batch_rx, tasks.clone()));
+        tasks.spawn(dispatcher.clone().run(batch_rx, tasks.clone()));
         let permits = Arc::new(Semaphore::new(d.max_pending_items));
         (
             Pipeline {
@@ -116,6 +118,7 @@ impl Pipeline {
             },
             PipelineHandles {
                 circuit,
+                dispatcher,
                 tasks,
                 hard_stop,
                 permits,

@@ -19,8 +19,9 @@ pub enum ChannelSource {
     Channels,
     /// `data.channels`, else `[channels].managed`.
     ChannelsOrManaged,
-    /// `data.channels`, else the managed channels whose required tier is
-    /// above `data.tier`.
+    /// `data.channels`, else by `data.tier`: for `unsubscribe`, the managed
+    /// channels whose required tier is above it; for `subscribe`, those
+    /// whose required tier it reaches.
     ChannelsOrTier,
 }
 
@@ -38,6 +39,14 @@ pub struct Rule {
     /// Destroy `owned_channels`.
     #[serde(default)]
     pub destroy_owned: bool,
+    /// Channels to (re)subscribe `user_id` to (restore).
+    #[serde(default = "none_source")]
+    pub subscribe: ChannelSource,
+    /// When `channels`, `following` or `followers` is absent, ask upstream
+    /// (`get_subscribed_official_account_list`, `follow_get`) instead of
+    /// falling back to the managed channels or to nothing.
+    #[serde(default)]
+    pub resolve: bool,
 }
 
 fn none_source() -> ChannelSource {
@@ -50,6 +59,15 @@ pub fn default_rules() -> BTreeMap<String, Rule> {
         unsubscribe: ChannelSource::ChannelsOrManaged,
         unfollow: true,
         destroy_owned: false,
+        subscribe: ChannelSource::None,
+        resolve: false,
+    };
+    let restore = Rule {
+        unsubscribe: ChannelSource::None,
+        unfollow: false,
+        destroy_owned: false,
+        subscribe: ChannelSource::Channels,
+        resolve: false,
     };
     BTreeMap::from([
         ("user.banned".to_owned(), banned.clone()),
@@ -64,8 +82,17 @@ pub fn default_rules() -> BTreeMap<String, Rule> {
             "tier.downgraded".to_owned(),
             Rule {
                 unsubscribe: ChannelSource::ChannelsOrTier,
-                unfollow: false,
                 destroy_owned: true,
+                subscribe: ChannelSource::None,
+                ..restore.clone()
+            },
+        ),
+        ("user.unbanned".to_owned(), restore.clone()),
+        (
+            "tier.upgraded".to_owned(),
+            Rule {
+                subscribe: ChannelSource::ChannelsOrTier,
+                ..restore
             },
         ),
     ])
@@ -78,6 +105,7 @@ pub enum Action {
     Unsubscribe { channel: ChannelId, user: UserId },
     Unfollow { from: UserId, to: UserId },
     Destroy { channel: ChannelId },
+    Subscribe { channel: ChannelId, user: UserId },
 }
 
 impl Action {
@@ -86,8 +114,15 @@ impl Action {
             Action::Unsubscribe { .. } => Api::DeleteSubscriber,
             Action::Unfollow { .. } => Api::FollowDelete,
             Action::Destroy { .. } => Api::DestroyOfficialAccount,
+            Action::Subscribe { .. } => Api::AddSubscriber,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Unsubscribe,
+    Subscribe,
 }
 
 /// Why an event cannot be turned into actions.
@@ -147,6 +182,16 @@ impl Rules {
         self.rules.contains_key(kind)
     }
 
+    /// `[channels] managed`.
+    pub fn managed(&self) -> &[ChannelId] {
+        &self.managed
+    }
+
+    /// The rule for an event type.
+    pub fn rule(&self, kind: &str) -> Option<&Rule> {
+        self.rules.get(kind)
+    }
+
     /// The actions `event` calls for, without repeats.
     pub fn plan(&self, event: &Event) -> Result<Vec<Action>, RuleError> {
         let rule = self
@@ -167,7 +212,7 @@ impl Rules {
         } else {
             Vec::new()
         };
-        for channel in self.unsubscribe_from(rule.unsubscribe, event)? {
+        for channel in self.channels_for(rule.unsubscribe, event, Direction::Unsubscribe)? {
             // Leaving a channel that this very event destroys is moot.
             if !destroyed.contains(&&channel) {
                 push(
@@ -199,6 +244,15 @@ impl Rules {
                 );
             }
         }
+        for channel in self.channels_for(rule.subscribe, event, Direction::Subscribe)? {
+            push(
+                Action::Subscribe {
+                    channel,
+                    user: user.clone(),
+                },
+                &mut actions,
+            );
+        }
         for channel in destroyed {
             push(
                 Action::Destroy {
@@ -210,10 +264,11 @@ impl Rules {
         Ok(actions)
     }
 
-    fn unsubscribe_from(
+    fn channels_for(
         &self,
         source: ChannelSource,
         event: &Event,
+        direction: Direction,
     ) -> Result<Vec<ChannelId>, RuleError> {
         let named = event.data.channels.clone();
         Ok(match (source, named) {
@@ -236,7 +291,12 @@ impl Rules {
                     })?;
                 self.managed
                     .iter()
-                    .filter(|c| self.required_rank.get(*c).is_some_and(|r| *r > rank))
+                    .filter(|c| {
+                        self.required_rank.get(*c).is_some_and(|r| match direction {
+                            Direction::Unsubscribe => *r > rank,
+                            Direction::Subscribe => *r <= rank,
+                        })
+                    })
                     .cloned()
                     .collect()
             }

@@ -41,21 +41,26 @@ pub const REJECT_REASONS: [&str; 8] = [
 /// Per-item outcomes (`result` label).
 pub const ITEM_RESULTS: [&str; 4] = ["applied", "noop", "retried", "dead_lettered"];
 /// Why an action was dead-lettered (`reason` label).
-pub const DEAD_LETTER_REASONS: [&str; 6] = [
+pub const DEAD_LETTER_REASONS: [&str; 9] = [
     "bad_request",
     "limit",
+    "channel_full",
+    "subscription_limit",
+    "resolution_failed",
     "item_failed",
     "unknown_error",
     "retries_exhausted",
     "unknown_type",
 ];
-/// APIs the pipeline calls (pre-populated label values).
-pub const PIPELINE_APIS: [Api; 5] = [
+/// APIs the service calls (pre-populated label values).
+pub const PIPELINE_APIS: [Api; 7] = [
     Api::DeleteSubscriber,
     Api::FollowDelete,
     Api::DestroyOfficialAccount,
     Api::AddSubscriber,
     Api::GetSubscriberInfo,
+    Api::GetSubscribedOfficialAccountList,
+    Api::FollowGet,
 ];
 
 /// Every metric the service exports. Each has one home here; the rest of the
@@ -75,6 +80,7 @@ pub struct Metrics {
     settle_seconds: Histogram,
     dead_letters: IntCounterVec,
     journal_events: IntGauge,
+    channel_subscribers: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -186,6 +192,17 @@ impl Metrics {
         r.register(Box::new(journal_events.clone()))
             .expect("registered once");
 
+        let channel_subscribers = IntGaugeVec::new(
+            Opts::new(
+                "managed_channel_subscribers",
+                "Subscribers of each managed channel (a configured, bounded set), as upstream counts them.",
+            ),
+            &["channel"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(channel_subscribers.clone()))
+            .expect("registered once");
+
         let m = Metrics {
             registry: r,
             events_received,
@@ -200,6 +217,7 @@ impl Metrics {
             settle_seconds,
             dead_letters,
             journal_events,
+            channel_subscribers,
         };
         let types: Vec<&str> = event_types.into_iter().collect();
         for source in SOURCES {
@@ -261,6 +279,17 @@ impl Metrics {
             .observe(items as f64);
     }
 
+    /// One upstream call that carries no batch (reads): outcome and latency.
+    pub fn upstream_call(&self, api: Api, error_code: &str, seconds: f64) {
+        let a = api.name();
+        self.upstream_requests
+            .with_label_values(&[a, error_code])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[a])
+            .observe(seconds);
+    }
+
     pub fn items(&self, api: Api, result: &str, n: usize) {
         if n > 0 {
             self.items
@@ -291,6 +320,13 @@ impl Metrics {
         self.dead_letters
             .with_label_values(&[reason])
             .inc_by(n as u64);
+    }
+
+    /// Only for `[channels] managed` channels: a bounded label set.
+    pub fn set_channel_subscribers(&self, channel: &str, n: u64) {
+        self.channel_subscribers
+            .with_label_values(&[channel])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn set_journal_events(&self, n: u64) {

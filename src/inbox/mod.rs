@@ -7,13 +7,15 @@ pub mod journal;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::DeadLetterSink;
 use crate::event::Event;
 use crate::pipeline::Pipeline;
-use crate::rules::Rules;
+use crate::resolve::{PlanError, Planner};
+use crate::rules::Action;
 use crate::settle::EventMeta;
 use crate::telemetry::Metrics;
 use broker::{BrokerError, BrokerLink};
@@ -84,6 +86,10 @@ fn instant_of(unix_ms: u64) -> Instant {
     Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
 }
 
+/// How many events are planned (and resolved upstream, where a rule asks)
+/// at once; they still enter the pipeline in journal order.
+const PLAN_AHEAD: usize = 32;
+
 /// Feeds journal entries, oldest first, into the pipeline (which applies
 /// backpressure), starting with whatever a previous run left unsettled.
 /// Returns when `stop` fires; dropping the pipeline handle then lets the
@@ -91,7 +97,7 @@ fn instant_of(unix_ms: u64) -> Instant {
 pub async fn feed(
     journal: Journal,
     pipeline: Pipeline,
-    rules: Arc<Rules>,
+    planner: Arc<Planner>,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
@@ -118,58 +124,41 @@ pub async fn feed(
                 _ = stop.cancelled() => return,
             }
         }
-        for (seq, record) in entries {
-            cursor = seq + 1;
-            let settle_journal = journal.clone();
-            let on_settled = move || settle_journal.settle(seq);
-            let (meta, planned, received) = match record {
-                Record::Event {
-                    id,
-                    received_unix_ms,
-                    body,
-                } => {
-                    let planned = plan(&rules, &body);
-                    let kind = planned.as_ref().map(|(k, _)| k.clone()).unwrap_or_default();
-                    let meta = EventMeta {
-                        id,
-                        kind,
-                        source: "webhook",
-                        body: Arc::from(body.into_bytes()),
-                    };
-                    (meta, planned.map(|(_, a)| a), received_unix_ms)
-                }
-                Record::Replay {
-                    received_unix_ms,
-                    dead_letter,
-                } => {
-                    let body = serde_json::to_vec(&dead_letter.event).unwrap_or_default();
-                    let planned = match dead_letter.action {
-                        Some(a) => Ok(vec![a]),
-                        None => plan(&rules, &String::from_utf8_lossy(&body)).map(|(_, a)| a),
-                    };
-                    let meta = EventMeta {
-                        id: dead_letter.event_id,
-                        kind: dead_letter.event_type,
-                        source: "webhook",
-                        body: Arc::from(body),
-                    };
-                    (meta, planned, received_unix_ms)
-                }
+        if let Some((last, _)) = entries.last() {
+            cursor = last + 1;
+        }
+        let planner = &planner;
+        let mut prepared = futures_util::stream::iter(entries)
+            .map(|(seq, record)| async move { (seq, prepare(planner, record).await) })
+            .buffered(PLAN_AHEAD);
+        loop {
+            let next = tokio::select! {
+                n = prepared.next() => n,
+                _ = stop.cancelled() => return,
+            };
+            let Some((seq, (meta, planned, received))) = next else {
+                break;
             };
             let actions = match planned {
                 Ok(a) => a,
+                Err(PlanError::Stopped) => return,
                 Err(problem) => {
-                    // Accepted under other rules (the config changed since):
-                    // kept as a dead letter, never dropped.
-                    tracing::warn!(seq, %problem, "journaled event no longer maps to actions");
-                    metrics.dead_lettered("unknown_type", 1);
+                    // Accepted under other rules (the config changed since),
+                    // or its targets could not be resolved: kept as a dead
+                    // letter, never dropped.
+                    let reason = match problem {
+                        PlanError::Resolution { .. } => "resolution_failed",
+                        _ => "unknown_type",
+                    };
+                    tracing::warn!(seq, %problem, "journaled event not turned into actions");
+                    metrics.dead_lettered(reason, 1);
                     journal.dead_letter(DeadLetter {
                         id: 0,
                         event_id: meta.id.clone(),
                         event_type: meta.kind.clone(),
                         action: None,
-                        reason: "unknown_type".into(),
-                        detail: problem,
+                        reason: reason.into(),
+                        detail: problem.to_string(),
                         at_unix: unix_now(),
                         event: serde_json::from_slice(&meta.body)
                             .unwrap_or(serde_json::Value::Null),
@@ -178,6 +167,8 @@ pub async fn feed(
                     continue;
                 }
             };
+            let settle_journal = journal.clone();
+            let on_settled = move || settle_journal.settle(seq);
             if pipeline
                 .submit(meta, actions, instant_of(received), on_settled)
                 .await
@@ -189,9 +180,48 @@ pub async fn feed(
     }
 }
 
-/// The event type and actions for a stored body.
-fn plan(rules: &Rules, body: &str) -> Result<(String, Vec<crate::rules::Action>), String> {
-    let ev = Event::parse(body.as_bytes()).map_err(|e| e.to_string())?;
-    let actions = rules.plan(&ev).map_err(|e| e.to_string())?;
-    Ok((ev.kind, actions))
+/// The event's meta and actions (or why there are none), and when it was
+/// accepted.
+async fn prepare(
+    planner: &Planner,
+    record: Record,
+) -> (EventMeta, Result<Vec<Action>, PlanError>, u64) {
+    let (id, body, action, received, kind) = match record {
+        Record::Event {
+            id,
+            received_unix_ms,
+            body,
+        } => (id, body.into_bytes(), None, received_unix_ms, String::new()),
+        Record::Replay {
+            received_unix_ms,
+            dead_letter,
+        } => (
+            dead_letter.event_id,
+            serde_json::to_vec(&dead_letter.event).unwrap_or_default(),
+            dead_letter.action,
+            received_unix_ms,
+            dead_letter.event_type,
+        ),
+    };
+    let (kind, planned) = match action {
+        // A replayed action goes as it was.
+        Some(a) => (kind, Ok(vec![a])),
+        None => match Event::parse(&body) {
+            Ok(ev) => {
+                let kind = ev.kind.clone();
+                (kind, planner.plan(ev).await.map(|(_, a)| a))
+            }
+            Err(e) => (
+                kind,
+                Err(PlanError::Rule(crate::rules::RuleError::Field(e))),
+            ),
+        },
+    };
+    let meta = EventMeta {
+        id,
+        kind,
+        source: "webhook",
+        body: Arc::from(body),
+    };
+    (meta, planned, received)
 }

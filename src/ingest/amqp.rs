@@ -21,15 +21,27 @@ use tokio_util::sync::CancellationToken;
 use crate::event::Event;
 use crate::inbox::broker::{BrokerDeadLetters, BrokerLink};
 use crate::pipeline::Pipeline;
-use crate::rules::{RuleError, Rules};
+use crate::resolve::{PlanError, Planner};
+use crate::rules::{Action, RuleError};
 use crate::settle::EventMeta;
 use crate::telemetry::Metrics;
+
+/// Deliveries planned ahead of the one entering the pipeline.
+const PLAN_AHEAD: usize = 32;
+
+/// A delivery with its id and plan.
+struct Prepared {
+    delivery: Delivery,
+    id: String,
+    planned: Result<(Event, Vec<Action>), (&'static str, String)>,
+    received: Instant,
+}
 
 /// Everything the consumer needs.
 pub struct Consumer {
     pub link: Arc<BrokerLink>,
     pub pipeline: Pipeline,
-    pub rules: Arc<Rules>,
+    pub planner: Arc<Planner>,
     pub metrics: Metrics,
     pub dead: Arc<BrokerDeadLetters>,
     /// The ack tasks, so shutdown can wait for them before closing.
@@ -71,7 +83,7 @@ impl Consumer {
             .basic_qos(self.link.prefetch, BasicQosOptions::default())
             .await?;
         let tag = format!("chat-janitor-{}", std::process::id());
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 ShortString::from(self.link.queue.as_str()),
                 ShortString::from(tag.as_str()),
@@ -80,9 +92,19 @@ impl Consumer {
             )
             .await?;
         tracing::info!(queue = %self.link.queue, prefetch = self.link.prefetch, "consuming");
+        // Deliveries are planned (and resolved upstream, where a rule asks)
+        // a few at a time, and enter the pipeline in delivery order.
+        let mut prepared = consumer
+            .map(|d| async move {
+                match d {
+                    Ok(d) => Ok(self.prepare(d).await),
+                    Err(e) => Err(e),
+                }
+            })
+            .buffered(PLAN_AHEAD);
         loop {
             let next = tokio::select! {
-                n = consumer.next() => n,
+                n = prepared.next() => n,
                 _ = stop.cancelled() => {
                     let _ = channel
                         .basic_cancel(ShortString::from(tag.as_str()), BasicCancelOptions::default())
@@ -91,8 +113,8 @@ impl Consumer {
                 }
             };
             match next {
-                Some(Ok(delivery)) => {
-                    if !self.handle(delivery, stop).await {
+                Some(Ok(p)) => {
+                    if !self.handle(p, stop).await {
                         return Ok(());
                     }
                 }
@@ -110,29 +132,54 @@ impl Consumer {
         }
     }
 
-    /// Handles one delivery; `false` if the pipeline is gone (shutdown).
-    async fn handle(&self, delivery: Delivery, stop: &CancellationToken) -> bool {
+    /// Parses and plans one delivery.
+    async fn prepare(&self, delivery: Delivery) -> Prepared {
         let received = Instant::now();
-        let m = &self.metrics;
         let id = match delivery.properties.message_id() {
             Some(id) if !id.as_str().is_empty() => id.as_str().to_owned(),
             // No id from the producer: the body's hash, so a redelivery of
             // the same message keeps the same id.
             _ => format!("sha256:{:x}", Sha256::digest(&delivery.data)),
         };
-        let planned = Event::parse(&delivery.data)
-            .map_err(|e| ("malformed", e.to_string()))
-            .and_then(|ev| match self.rules.plan(&ev) {
-                Ok(actions) => Ok((ev, actions)),
-                Err(RuleError::UnknownType(t)) => {
+        let planned = match Event::parse(&delivery.data) {
+            Err(e) => Err(("malformed", e.to_string())),
+            Ok(ev) => match self.planner.plan(ev).await {
+                Ok(p) => Ok(p),
+                Err(PlanError::Rule(RuleError::UnknownType(t))) => {
                     Err(("unknown_type", format!("no rule for event type {t:?}")))
                 }
-                Err(RuleError::Field(p)) => Err(("malformed", p.to_string())),
-            });
+                Err(PlanError::Rule(RuleError::Field(p))) => Err(("malformed", p.to_string())),
+                Err(e @ PlanError::Resolution { .. }) => Err(("resolution_failed", e.to_string())),
+                Err(PlanError::Stopped) => Err(("stopped", String::new())),
+            },
+        };
+        Prepared {
+            delivery,
+            id,
+            planned,
+            received,
+        }
+    }
+
+    /// Puts one planned delivery to work; `false` if the pipeline is gone.
+    async fn handle(&self, p: Prepared, stop: &CancellationToken) -> bool {
+        let m = &self.metrics;
+        let Prepared {
+            delivery,
+            id,
+            planned,
+            received,
+        } = p;
         let (event, actions) = match planned {
             Ok(p) => p,
+            // Shutting down mid-resolution: not acked, so redelivered.
+            Err(("stopped", _)) => return false,
             Err((reason, problem)) => {
-                m.event_rejected("amqp", reason);
+                if reason == "resolution_failed" {
+                    m.dead_lettered(reason, 1);
+                } else {
+                    m.event_rejected("amqp", reason);
+                }
                 tracing::warn!(message_id = %id, reason, %problem, "message rejected to the dead-letter queue");
                 let _ = delivery
                     .acker

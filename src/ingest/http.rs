@@ -19,7 +19,9 @@ use crate::event::Event;
 use crate::inbox::journal::{Appended, JournalError};
 use crate::inbox::{Intake, IntakeError};
 use crate::rules::{RuleError, Rules};
+use crate::sweep::Sweeps;
 use crate::telemetry::Metrics;
+use crate::tencent::ChannelId;
 
 /// Everything the handlers share.
 pub struct HttpState {
@@ -30,6 +32,7 @@ pub struct HttpState {
     pub circuit: Arc<Circuit>,
     pub body_limit: usize,
     pub admin_token: SecretString,
+    pub sweeps: Arc<Sweeps>,
 }
 
 /// Mounts every route on an actix `App`.
@@ -42,7 +45,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/v1/admin/dead-letters/replay",
             web::post().to(replay_dead_letters),
-        );
+        )
+        .route("/v1/admin/sweeps", web::post().to(start_sweep))
+        .route("/v1/admin/sweeps/{id}", web::get().to(sweep_status));
 }
 
 /// An RFC 9457 problem document.
@@ -383,4 +388,82 @@ fn broker_dead_letters() -> HttpResponse {
         "in broker mode dead letters are messages in the queue <amqp.queue>.dead; read or move them with RabbitMQ's tools",
         None,
     )
+}
+
+#[derive(Debug, Deserialize)]
+struct SweepRequest {
+    channel: String,
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn start_sweep(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<HttpState>,
+) -> HttpResponse {
+    if let Some(denied) = admin_denied(&req, &state.admin_token) {
+        return denied;
+    }
+    let r: SweepRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Invalid sweep",
+                &e.to_string(),
+                None,
+            );
+        }
+    };
+    let channel = match ChannelId::parse(r.channel) {
+        Ok(c) => c,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Invalid sweep",
+                &format!("channel: {e}"),
+                Some("channel"),
+            );
+        }
+    };
+    let deny = r
+        .deny
+        .into_iter()
+        .map(|d| d.trim().to_owned())
+        .filter(|d| !d.is_empty())
+        .collect();
+    match state.sweeps.start(channel, deny, r.dry_run) {
+        Some(id) => HttpResponse::Accepted().json(json!({
+            "id": id,
+            "status": format!("/v1/admin/sweeps/{id}"),
+        })),
+        None => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Shutting down",
+            "no new sweeps while shutting down",
+            None,
+        ),
+    }
+}
+
+async fn sweep_status(
+    req: HttpRequest,
+    id: web::Path<u64>,
+    state: web::Data<HttpState>,
+) -> HttpResponse {
+    if let Some(denied) = admin_denied(&req, &state.admin_token) {
+        return denied;
+    }
+    match state.sweeps.status(id.into_inner()) {
+        Some(s) => HttpResponse::Ok().json(s),
+        None => problem(
+            StatusCode::NOT_FOUND,
+            "No such sweep",
+            "unknown sweep id (finished sweeps are kept for a while)",
+            None,
+        ),
+    }
 }

@@ -8,5 +8,6 @@ mod client;
 mod emulator;
 mod helpers;
 mod pipeline;
+mod restore;
 mod usersig;
 mod webhook;
