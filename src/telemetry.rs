@@ -81,6 +81,8 @@ pub struct Metrics {
     dead_letters: IntCounterVec,
     journal_events: IntGauge,
     channel_subscribers: IntGaugeVec,
+    events_duplicate: IntCounterVec,
+    broker_connected: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -203,6 +205,20 @@ impl Metrics {
         r.register(Box::new(channel_subscribers.clone()))
             .expect("registered once");
 
+        let events_duplicate = counter(
+            &r,
+            "events_duplicate_total",
+            "Events whose id was accepted before (answered 200, nothing done twice), by source.",
+            &["source"],
+        );
+        let broker_connected = IntGauge::new(
+            "broker_connected",
+            "1 while the RabbitMQ connection is up (broker mode); 0 otherwise.",
+        )
+        .expect("valid metric");
+        r.register(Box::new(broker_connected.clone()))
+            .expect("registered once");
+
         let m = Metrics {
             registry: r,
             events_received,
@@ -218,12 +234,15 @@ impl Metrics {
             dead_letters,
             journal_events,
             channel_subscribers,
+            events_duplicate,
+            broker_connected,
         };
         let types: Vec<&str> = event_types.into_iter().collect();
         for source in SOURCES {
             for t in &types {
                 m.events_received.with_label_values(&[source, t]);
             }
+            m.events_duplicate.with_label_values(&[source]);
             for reason in REJECT_REASONS {
                 m.events_rejected.with_label_values(&[source, reason]);
             }
@@ -320,6 +339,14 @@ impl Metrics {
         self.dead_letters
             .with_label_values(&[reason])
             .inc_by(n as u64);
+    }
+
+    pub fn event_duplicate(&self, source: &str) {
+        self.events_duplicate.with_label_values(&[source]).inc();
+    }
+
+    pub fn set_broker_connected(&self, up: bool) {
+        self.broker_connected.set(i64::from(up));
     }
 
     /// Only for `[channels] managed` channels: a bounded label set.

@@ -231,6 +231,7 @@ async fn post_event(
             HttpResponse::Accepted().json(json!({"status": "accepted", "id": id}))
         }
         Ok(Appended::Duplicate) => {
+            m.event_duplicate("webhook");
             HttpResponse::Ok().json(json!({"status": "duplicate", "id": id}))
         }
         Err(e) => {
@@ -252,8 +253,9 @@ async fn post_event(
 }
 
 async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
-    if let Some(j) = state.intake.journal() {
-        state.metrics.set_journal_events(j.pending());
+    match &state.intake {
+        Intake::Journal(j) => state.metrics.set_journal_events(j.pending()),
+        Intake::Broker(b) => state.metrics.set_broker_connected(b.is_connected()),
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
