@@ -405,7 +405,13 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(fut) {
+    let result = rt.block_on(fut);
+    // The process exits next. lapin's IO thread may still be sleeping in a
+    // reconnect backoff on this runtime's timer (a broker that never came
+    // back); shutting the runtime down under it panics that thread, so the
+    // runtime is left to the process exit instead.
+    std::mem::forget(rt);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(c) = e.downcast_ref::<ConfigError>() {

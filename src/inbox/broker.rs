@@ -32,6 +32,8 @@ use crate::dispatch::DeadLetterSink;
 pub const DELIVERY_LIMIT: i64 = 20;
 /// Longest wait for a publisher confirm before answering 503.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a publish waits for a connection before answering 503.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
 /// webhook-ids this replica remembers for duplicate answers.
 const RECENT_IDS: usize = 100_000;
 
@@ -41,6 +43,8 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error("broker did not confirm the publish in time")]
     ConfirmTimeout,
+    #[error("broker unreachable")]
+    Unavailable,
     #[error("broker refused the publish ({0})")]
     Refused(&'static str),
 }
@@ -150,7 +154,11 @@ impl BrokerLink {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), BrokerError> {
-        let linked = self.linked().await?;
+        // While the broker is away a connect can take long (lapin retries
+        // with backoff); a webhook sender is better served by a quick 503.
+        let linked = tokio::time::timeout(CONNECT_WAIT, self.linked())
+            .await
+            .map_err(|_| BrokerError::Unavailable)??;
         let confirm = linked
             .publish
             .basic_publish(

@@ -450,3 +450,28 @@ impl Drop for StartAppOnDrop {
             .status();
     }
 }
+
+#[tokio::test]
+async fn without_a_broker_webhooks_get_503_and_readyz_says_why() {
+    let up = TestUpstream::start().await;
+    let dir = temp_dir();
+    let mut settings = broker_settings(&up.running.base_url(), dir.path(), "cj-test-nowhere");
+    // Nothing listens there.
+    settings.amqp.url =
+        secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:1/%2f".to_owned());
+    let app = TestApp::spawn(settings).await;
+    let r = app
+        .post_event(
+            "nb-1",
+            "user.banned",
+            json!({"user_id": "u", "channels": ["@TOA#_x"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let r = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("broker unreachable"));
+    assert_eq!(app.metric("chat_janitor_broker_connected").await, 0.0);
+    app.stop().await;
+}
