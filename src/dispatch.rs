@@ -172,6 +172,22 @@ impl Circuit {
         }
     }
 
+    /// A failed call: a vendor answer other than a credentials error proves
+    /// our credentials pass; a network fault proves nothing, so a probe
+    /// that meets one only hands the probe on.
+    fn answered(&self, pass: Pass, err: &ApiError) {
+        match (err.class(), err.vendor_code()) {
+            (ErrorClass::Credentials, _) => {}
+            (_, Some(_)) => self.success(pass),
+            (_, None) if pass == Pass::Probe => {
+                let mut s = self.state.lock();
+                s.probing = false;
+                s.next_probe = Instant::now();
+            }
+            (_, None) => {}
+        }
+    }
+
     fn reject(&self, pass: Pass, reason: String) {
         let mut s = self.state.lock();
         if pass == Pass::Probe {
@@ -306,9 +322,7 @@ impl Dispatcher {
                 Err(e) => e,
             };
             let class = err.class();
-            if class != ErrorClass::Credentials {
-                self.circuit.success(pass);
-            }
+            self.circuit.answered(pass, &err);
             tracing::debug!(api = api.name(), error = %err, class = class.as_str(), "upstream call failed");
             match class {
                 ErrorClass::Credentials => {
@@ -402,9 +416,7 @@ impl Dispatcher {
                 Err(e) => e,
             };
             let class = err.class();
-            if class != ErrorClass::Credentials {
-                self.circuit.success(pass);
-            }
+            self.circuit.answered(pass, &err);
             match class {
                 ErrorClass::Credentials => self.circuit.reject(pass, err.to_string()),
                 ErrorClass::RateLimited => gate.pause(),

@@ -26,7 +26,11 @@ async fn a_ban_wave_is_coalesced_into_full_batches() {
     let members = users("u", 400);
     seed_channels(&up, &channels, &members);
     let dir = temp_dir();
-    let app = TestApp::spawn(test_settings(&up.running.base_url(), dir.path())).await;
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    // Full batches go out at once; the linger only bounds the last ones, and
+    // is long enough that a slow machine's posts still fill the others.
+    settings.batching.linger_ms = 2000;
+    let app = TestApp::spawn(settings).await;
 
     let posts = members.iter().map(|u| {
         let app = &app;
@@ -195,7 +199,9 @@ async fn a_bad_account_is_isolated_and_dead_lettered_alone() {
     members.insert(40, "bad account".to_owned());
     let dir = temp_dir();
     let mut settings = test_settings(&up.running.base_url(), dir.path());
-    settings.batching.linger_ms = 1000;
+    // Long enough that the batch only goes out once all 100 are in (it
+    // fills then), however slowly this machine posts them.
+    settings.batching.linger_ms = 30_000;
     let app = TestApp::spawn(settings).await;
     for u in &members {
         let r = app

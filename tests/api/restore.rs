@@ -76,7 +76,9 @@ async fn a_settled_ban_is_restored_in_full_batches() {
     seed_all(&up, &members);
     let dir = temp_dir();
     let mut settings = test_settings(&up.running.base_url(), dir.path());
-    settings.batching.linger_ms = 500;
+    // Batches go out when full; the linger only bounds the last one, and is
+    // long enough that a slow machine's posts still fill the others.
+    settings.batching.linger_ms = 2000;
     let app = TestApp::spawn(settings).await;
     let post_all = |kind: &'static str| {
         let app = &app;
