@@ -77,6 +77,32 @@ impl Producer {
             .unwrap();
     }
 
+    /// Publishes bans for every user back to back, then waits for all the
+    /// confirms (as a real producer batches its publishes).
+    async fn ban_all(&self, users: &[String], channels: &[&str]) {
+        let mut confirms = Vec::with_capacity(users.len());
+        for u in users {
+            let body = json!({"type": "user.banned", "data": {"user_id": u, "channels": channels}});
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        ShortString::from(""),
+                        ShortString::from(self.queue.as_str()),
+                        BasicPublishOptions::default(),
+                        body.to_string().as_bytes(),
+                        BasicProperties::default()
+                            .with_message_id(ShortString::from(format!("amqp-{u}").as_str()))
+                            .with_delivery_mode(2),
+                    )
+                    .await
+                    .unwrap(),
+            );
+        }
+        for c in confirms {
+            c.await.unwrap();
+        }
+    }
+
     async fn ban(&self, user: &str, channels: &[&str]) {
         let body = json!({"type": "user.banned", "data": {"user_id": user, "channels": channels}});
         self.publish(&format!("amqp-{user}"), body.to_string().as_bytes())
@@ -139,7 +165,10 @@ async fn a_thousand_persistent_events_are_all_applied() {
     seed(&up, "@TOA#_q2", &members);
     let queue = queue_name("thousand");
     let dir = temp_dir();
-    let app = TestApp::spawn(broker_settings(&up.running.base_url(), dir.path(), &queue)).await;
+    let mut settings = broker_settings(&up.running.base_url(), dir.path(), &queue);
+    // Full batches go out at once; the linger only bounds the last ones.
+    settings.batching.linger_ms = 1000;
+    let app = TestApp::spawn(settings).await;
     eventually(10, "ready", || async {
         app.http
             .get(app.url("/readyz"))
@@ -151,9 +180,7 @@ async fn a_thousand_persistent_events_are_all_applied() {
     })
     .await;
     let producer = Producer::new(&queue).await;
-    for u in &members {
-        producer.ban(u, &["@TOA#_q1", "@TOA#_q2"]).await;
-    }
+    producer.ban_all(&members, &["@TOA#_q1", "@TOA#_q2"]).await;
     eventually(30, "all 2,000 subscriptions removed", || async {
         up.emulator.subscribers("@TOA#_q1").unwrap().is_empty()
             && up.emulator.subscribers("@TOA#_q2").unwrap().is_empty()
@@ -320,9 +347,7 @@ async fn two_replicas_share_one_queue() {
         .await;
     }
     let producer = Producer::new(&queue).await;
-    for u in &members {
-        producer.ban(u, &["@TOA#_rep"]).await;
-    }
+    producer.ban_all(&members, &["@TOA#_rep"]).await;
     eventually(30, "the whole stream applied", || async {
         up.emulator.subscribers("@TOA#_rep").unwrap().is_empty()
     })
