@@ -32,6 +32,15 @@ pub enum Target {
     From(UserId),
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Channel(c) => write!(f, "{c}"),
+            Target::From(u) => write!(f, "from:{u}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKey {
     pub api: Api,

@@ -254,7 +254,16 @@ impl Dispatcher {
                 b = batches.recv() => match b {
                     Some(b) => {
                         let me = self.clone();
-                        tasks.spawn(async move { me.run_batch(b).await });
+                        let span = tracing::info_span!(
+                            "batch",
+                            api = b.key.api.name(),
+                            target = %b.key.target,
+                            items = b.size(),
+                        );
+                        tasks.spawn(tracing::Instrument::instrument(
+                            async move { me.run_batch(b).await },
+                            span,
+                        ));
                     }
                     None => break,
                 },

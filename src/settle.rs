@@ -86,8 +86,9 @@ impl Origin {
 
     fn finish(&self) {
         let t = &self.0;
-        t.metrics
-            .event_settled(t.accepted_at.elapsed().as_secs_f64());
+        let seconds = t.accepted_at.elapsed().as_secs_f64();
+        t.metrics.event_settled(seconds);
+        tracing::debug!(event = %t.meta.id, kind = %t.meta.kind, seconds, "event settled");
         t._permit.lock().take();
         if let Some(f) = t.on_settled.lock().take() {
             f();

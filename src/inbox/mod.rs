@@ -169,10 +169,13 @@ pub async fn feed(
             };
             let settle_journal = journal.clone();
             let on_settled = move || settle_journal.settle(seq);
-            if pipeline
-                .submit(meta, actions, instant_of(received), on_settled)
-                .await
-                .is_err()
+            let span = tracing::info_span!("event", id = %meta.id, kind = %meta.kind, seq);
+            if tracing::Instrument::instrument(
+                pipeline.submit(meta, actions, instant_of(received), on_settled),
+                span,
+            )
+            .await
+            .is_err()
             {
                 return;
             }

@@ -212,8 +212,13 @@ impl Consumer {
                 }
             });
         };
+        let span = tracing::info_span!("event", id = %meta.id, kind = %meta.kind, source = "amqp");
+        let submit = tracing::Instrument::instrument(
+            self.pipeline.submit(meta, actions, received, on_settled),
+            span,
+        );
         tokio::select! {
-            r = self.pipeline.submit(meta, actions, received, on_settled) => r.is_ok(),
+            r = submit => r.is_ok(),
             _ = stop.cancelled() => false,
         }
     }

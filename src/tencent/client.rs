@@ -411,6 +411,8 @@ fn follow_outcome(batch: &FollowBatch, resp: FollowBatchResponse) -> BatchOutcom
 }
 
 fn transport_error(api: Api, e: reqwest::Error) -> ApiError {
+    // The URL carries the UserSig: never let it into a message or a log.
+    let e = e.without_url();
     if e.is_timeout() {
         ApiError::Timeout { api }
     } else if e.is_connect() {

@@ -500,3 +500,52 @@ async fn without_a_broker_webhooks_get_503_and_readyz_says_why() {
     assert_eq!(app.metric("chat_janitor_broker_connected").await, 0.0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_existing_classic_queue_is_used_as_it_is() {
+    let _lock = BROKER.lock().await;
+    let up = TestUpstream::start().await;
+    let members = users("cl", 20);
+    seed(&up, "@TOA#_classic", &members);
+    let queue = queue_name("classic");
+    // A team's existing queue: classic, durable, no arguments.
+    {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            ShortString::from(queue.as_str()),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let dir = temp_dir();
+    let app = TestApp::spawn(broker_settings(&up.running.base_url(), dir.path(), &queue)).await;
+    eventually(10, "ready", || async {
+        app.http
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+    })
+    .await;
+    let producer = Producer::new(&queue).await;
+    producer.ban_all(&members, &["@TOA#_classic"]).await;
+    eventually(
+        20,
+        "consumed from the classic queue and applied",
+        || async { up.emulator.subscribers("@TOA#_classic").unwrap().is_empty() },
+    )
+    .await;
+    app.stop().await;
+    assert_eq!(message_count(&queue).await, 0);
+    delete_queues(&queue).await;
+}
