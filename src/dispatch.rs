@@ -206,6 +206,33 @@ impl Circuit {
     }
 }
 
+/// One unit of work's retryable failures.
+#[derive(Default)]
+struct Retries {
+    attempt: u32,
+    failing_since: Option<Instant>,
+}
+
+impl Retries {
+    /// Counts a transient or unknown failure of an attempt that started at
+    /// `started`; the dead-letter reason once it is time to give up.
+    fn failed(
+        &mut self,
+        class: ErrorClass,
+        started: Instant,
+        settings: &DispatchSettings,
+    ) -> Option<&'static str> {
+        let since = *self.failing_since.get_or_insert(started);
+        self.attempt += 1;
+        if class == ErrorClass::Unknown {
+            (self.attempt >= settings.max_attempts).then_some("unknown_error")
+        } else {
+            (since.elapsed() >= Duration::from_secs(settings.give_up_after_seconds))
+                .then_some("retries_exhausted")
+        }
+    }
+}
+
 /// Sends batches and settles their items.
 pub struct Dispatcher {
     client: Arc<TencentClient>,
@@ -303,25 +330,11 @@ impl Dispatcher {
     /// stopped: unsettled items stay in the journal / on the broker.
     async fn drive(&self, batch: Batch) -> Option<(Batch, Batch)> {
         let api = batch.key.api;
-        let gate = &self.gates[&api];
-        let mut attempt: u32 = 0;
-        let mut failing_since: Option<Instant> = None;
+        let mut retries = Retries::default();
         loop {
-            let pass = self.circuit.pass(&self.stop).await?;
-            let permit = gate.enter(&self.stop).await?;
-            let started = Instant::now();
-            let result = self.call(&batch).await;
-            drop(permit);
-            let code = match &result {
-                Ok(_) => "0".to_owned(),
-                Err(e) => e.metric_code(),
-            };
-            self.metrics.upstream_request(
-                api,
-                &code,
-                started.elapsed().as_secs_f64(),
-                batch.size(),
-            );
+            let (pass, started, result) = self
+                .attempt(api, Some(batch.size()), || self.call(&batch))
+                .await?;
             let err = match result {
                 Ok(outcome) => {
                     self.circuit.success(pass);
@@ -338,28 +351,16 @@ impl Dispatcher {
                     self.circuit.reject(pass, err.to_string());
                 }
                 ErrorClass::RateLimited => {
-                    gate.pause();
+                    self.gates[&api].pause();
                     self.metrics.items(api, "retried", batch.item_count());
                 }
                 ErrorClass::Transient | ErrorClass::Unknown => {
-                    let since = *failing_since.get_or_insert(started);
-                    attempt += 1;
-                    let exhausted = if class == ErrorClass::Unknown {
-                        attempt >= self.settings.max_attempts
-                    } else {
-                        since.elapsed() >= Duration::from_secs(self.settings.give_up_after_seconds)
-                    };
-                    if exhausted {
-                        let reason = if class == ErrorClass::Unknown {
-                            "unknown_error"
-                        } else {
-                            "retries_exhausted"
-                        };
+                    if let Some(reason) = retries.failed(class, started, &self.settings) {
                         self.dead_letter_batch(batch, reason, &err.to_string());
                         return None;
                     }
                     self.metrics.items(api, "retried", batch.item_count());
-                    if !self.sleep(self.backoff(attempt)).await {
+                    if !self.sleep(self.backoff(retries.attempt)).await {
                         return None;
                     }
                 }
@@ -370,7 +371,7 @@ impl Dispatcher {
                 ErrorClass::BadRequest | ErrorClass::Limit => {
                     return match batch.split() {
                         Ok(halves) => {
-                            tracing::info!(api = api.name(), code = %code, "batch refused as a whole; splitting to isolate the cause");
+                            tracing::info!(api = api.name(), code = %err.metric_code(), "batch refused as a whole; splitting to isolate the cause");
                             Some(halves)
                         }
                         Err(single) => {
@@ -398,25 +399,12 @@ impl Dispatcher {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
-        let gate = &self.gates[&api];
-        let mut attempt: u32 = 0;
-        let mut failing_since: Option<Instant> = None;
+        let mut retries = Retries::default();
         loop {
-            let pass = self
-                .circuit
-                .pass(&self.stop)
+            let (pass, started, result) = self
+                .attempt(api, None, &call)
                 .await
                 .ok_or(ReadError::Stopped)?;
-            let permit = gate.enter(&self.stop).await.ok_or(ReadError::Stopped)?;
-            let started = Instant::now();
-            let result = call().await;
-            drop(permit);
-            let code = match &result {
-                Ok(_) => "0".to_owned(),
-                Err(e) => e.metric_code(),
-            };
-            self.metrics
-                .upstream_call(api, &code, started.elapsed().as_secs_f64());
             let err = match result {
                 Ok(v) => {
                     self.circuit.success(pass);
@@ -428,22 +416,46 @@ impl Dispatcher {
             self.circuit.answered(pass, &err);
             match class {
                 ErrorClass::Credentials => self.circuit.reject(pass, err.to_string()),
-                ErrorClass::RateLimited => gate.pause(),
+                ErrorClass::RateLimited => self.gates[&api].pause(),
                 ErrorClass::Transient | ErrorClass::Unknown => {
-                    let since = *failing_since.get_or_insert(started);
-                    attempt += 1;
-                    let exhausted = if class == ErrorClass::Unknown {
-                        attempt >= self.settings.max_attempts
-                    } else {
-                        since.elapsed() >= Duration::from_secs(self.settings.give_up_after_seconds)
-                    };
-                    if exhausted || !self.sleep(self.backoff(attempt)).await {
+                    if retries.failed(class, started, &self.settings).is_some()
+                        || !self.sleep(self.backoff(retries.attempt)).await
+                    {
                         return Err(ReadError::Api(err));
                     }
                 }
                 _ => return Err(ReadError::Api(err)),
             }
         }
+    }
+
+    /// One attempt, as every attempt goes: through the circuit, the API's
+    /// in-flight cap and limiter, counted. `None` when stopped.
+    async fn attempt<T, F, Fut>(
+        &self,
+        api: Api,
+        items: Option<usize>,
+        call: F,
+    ) -> Option<(Pass, Instant, Result<T, ApiError>)>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let pass = self.circuit.pass(&self.stop).await?;
+        let permit = self.gates[&api].enter(&self.stop).await?;
+        let started = Instant::now();
+        let result = call().await;
+        drop(permit);
+        let code = match &result {
+            Ok(_) => "0".to_owned(),
+            Err(e) => e.metric_code(),
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        match items {
+            Some(n) => self.metrics.upstream_request(api, &code, seconds, n),
+            None => self.metrics.upstream_call(api, &code, seconds),
+        }
+        Some((pass, started, result))
     }
 
     /// The client, for building read calls.

@@ -169,16 +169,7 @@ async fn a_thousand_persistent_events_are_all_applied() {
     // Full batches go out at once; the linger only bounds the last ones.
     settings.batching.linger_ms = 1000;
     let app = TestApp::spawn(settings).await;
-    eventually(10, "ready", || async {
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    app.wait_ready().await;
     let producer = Producer::new(&queue).await;
     producer.ban_all(&members, &["@TOA#_q1", "@TOA#_q2"]).await;
     eventually(30, "all 2,000 subscriptions removed", || async {
@@ -220,16 +211,7 @@ async fn bad_messages_go_to_the_dead_letter_queue_and_the_rest_proceed() {
     let queue = queue_name("bad");
     let dir = temp_dir();
     let app = TestApp::spawn(broker_settings(&up.running.base_url(), dir.path(), &queue)).await;
-    eventually(10, "ready", || async {
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    app.wait_ready().await;
     let producer = Producer::new(&queue).await;
     for (i, u) in members.iter().enumerate() {
         if i == 10 {
@@ -272,16 +254,7 @@ async fn webhooks_travel_through_the_broker() {
     let queue = queue_name("webhook");
     let dir = temp_dir();
     let app = TestApp::spawn(broker_settings(&up.running.base_url(), dir.path(), &queue)).await;
-    eventually(10, "ready", || async {
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    app.wait_ready().await;
     for u in &members {
         let r = app
             .post_event(
@@ -335,16 +308,7 @@ async fn two_replicas_share_one_queue() {
     let a = TestApp::spawn(s1).await;
     let b = TestApp::spawn(s2).await;
     for app in [&a, &b] {
-        eventually(10, "ready", || async {
-            app.http
-                .get(app.url("/readyz"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                == 200
-        })
-        .await;
+        app.wait_ready().await;
     }
     let producer = Producer::new(&queue).await;
     producer.ban_all(&members, &["@TOA#_rep"]).await;
@@ -381,16 +345,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     // Slow enough that deliveries are still unacked when the broker stops.
     settings.tencent.requests_per_second = 4;
     let app = TestApp::spawn(settings).await;
-    eventually(10, "ready", || async {
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    app.wait_ready().await;
     {
         let producer = Producer::new(&queue).await;
         for u in &members[..200] {
@@ -527,16 +482,7 @@ async fn an_existing_classic_queue_is_used_as_it_is() {
     }
     let dir = temp_dir();
     let app = TestApp::spawn(broker_settings(&up.running.base_url(), dir.path(), &queue)).await;
-    eventually(10, "ready", || async {
-        app.http
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            == 200
-    })
-    .await;
+    app.wait_ready().await;
     let producer = Producer::new(&queue).await;
     producer.ban_all(&members, &["@TOA#_classic"]).await;
     eventually(

@@ -177,6 +177,17 @@ impl TestApp {
             .await
     }
 
+    /// `GET /readyz`: its status and body.
+    pub async fn readyz(&self) -> (u16, String) {
+        let r = self.http.get(self.url("/readyz")).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// Waits until `/readyz` answers 200 (broker mode connects first).
+    pub async fn wait_ready(&self) {
+        eventually(10, "ready", || async { self.readyz().await.0 == 200 }).await;
+    }
+
     pub async fn metrics(&self) -> String {
         self.http
             .get(self.url("/metrics"))
