@@ -380,3 +380,61 @@ async fn the_limiter_keeps_every_second_within_the_rate() {
     assert_eq!(stats.calls, 100);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn pending_work_in_memory_stays_within_its_bound() {
+    let up = TestUpstream::start().await;
+    // One action per event, each on its own channel: nothing coalesces, so
+    // every action is a call and work piles up behind the rate limit.
+    let channels: Vec<String> = (0..300).map(|i| format!("@TOA#_bp{i}")).collect();
+    up.emulator.seed(Seed {
+        channels: channels
+            .iter()
+            .map(|c| SeedChannel::new(c.clone(), ["victim"]))
+            .collect(),
+        ..Seed::default()
+    });
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    // 300 calls at 60/s: five seconds of backlog.
+    settings.tencent.requests_per_second = 60;
+    settings.dispatch.max_pending_items = 100;
+    settings.batching.linger_ms = 10;
+    let app = TestApp::spawn(settings).await;
+    let (mut peak, mut journal_peak) = (0.0f64, 0.0f64);
+    let sample = || async {
+        (
+            app.metric("chat_janitor_pending_items{api=\"delete_subscriber\"}")
+                .await,
+            app.metric("chat_janitor_journal_events").await,
+        )
+    };
+    for (i, c) in channels.iter().enumerate() {
+        let r = app
+            .post_event(
+                &format!("bp-{i}"),
+                "user.banned",
+                json!({"user_id": "victim", "channels": [c]}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+        if i % 20 == 0 {
+            let (p, j) = sample().await;
+            (peak, journal_peak) = (peak.max(p), journal_peak.max(j));
+        }
+    }
+    while !channels
+        .iter()
+        .all(|c| up.emulator.subscribers(c).unwrap().is_empty())
+    {
+        let (p, j) = sample().await;
+        (peak, journal_peak) = (peak.max(p), journal_peak.max(j));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(peak <= 100.0, "in memory: {peak}");
+    assert!(
+        journal_peak > 100.0,
+        "the rest waited in the journal: {journal_peak}"
+    );
+    app.stop().await;
+}
