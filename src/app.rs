@@ -160,6 +160,9 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                // Admin bodies (a sweep's deny list) may be large; webhooks
+                // read their body themselves under server.body_limit_bytes.
+                .app_data(web::PayloadConfig::new(64 * 1024 * 1024))
                 .configure(http::configure)
         })
         .listen(listener)?
