@@ -5,6 +5,8 @@
 //! unsubscribes of its channel along (they are moot once it is gone).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use indexmap::IndexMap;
@@ -211,11 +213,57 @@ pub enum Input {
     },
 }
 
+/// Batches handed to the dispatcher that have not yet started their first
+/// attempt, per API: while some wait for the limiter, sending another
+/// partly full batch gains nothing, so the coalescer keeps it open longer.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    waiting: [AtomicUsize; Api::ALL.len()],
+}
+
+impl Backlog {
+    fn slot(&self, api: Api) -> &AtomicUsize {
+        let i = Api::ALL.iter().position(|a| *a == api).unwrap_or(0);
+        &self.waiting[i]
+    }
+
+    pub fn queued(&self, api: Api) {
+        self.slot(api).fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn started(&self, api: Api) {
+        let _ = self
+            .slot(api)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    pub fn waiting(&self, api: Api) -> usize {
+        self.slot(api).load(Ordering::Relaxed)
+    }
+}
+
+/// How often a batch kept open past its linger (the API is saturated) is
+/// looked at again.
+const RECHECK: Duration = Duration::from_millis(10);
+/// A batch kept open past its linger goes anyway after this many lingers
+/// (and at least `MIN_HOLD`), so a small key is not starved behind a long
+/// wave on the same API.
+const MAX_LINGERS: u32 = 25;
+const MIN_HOLD: Duration = Duration::from_secs(5);
+
+/// A batch's place in a deadline queue; `opened` tells a stale entry (that
+/// batch went out full and the key reopened) from a current one.
+type Due = (Instant, BatchKey, Instant);
+
 /// The coalescer task's state.
 pub struct Coalescer {
     open: HashMap<BatchKey, Batch>,
     /// Open order; deadlines are monotonic because linger is constant.
-    order: VecDeque<(Instant, BatchKey)>,
+    order: VecDeque<Due>,
+    /// Batches past their linger kept open while their API is saturated;
+    /// monotonic too (always now + RECHECK).
+    postponed: VecDeque<Due>,
+    backlog: Arc<Backlog>,
     linger: Duration,
     max_open_keys: usize,
     max_batch: usize,
@@ -231,12 +279,15 @@ impl Coalescer {
         linger: Duration,
         max_open_keys: usize,
         max_batch: usize,
+        backlog: Arc<Backlog>,
         out: mpsc::Sender<Batch>,
         metrics: Metrics,
     ) -> Self {
         Coalescer {
             open: HashMap::new(),
             order: VecDeque::new(),
+            postponed: VecDeque::new(),
+            backlog,
             linger,
             max_open_keys: max_open_keys.max(1),
             max_batch: max_batch.max(1),
@@ -256,7 +307,11 @@ impl Coalescer {
     ) {
         let mut input_open = true;
         loop {
-            let deadline = self.order.front().map(|(d, _)| *d);
+            let deadline = [self.order.front(), self.postponed.front()]
+                .into_iter()
+                .flatten()
+                .map(|(d, _, _)| *d)
+                .min();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -302,7 +357,7 @@ impl Coalescer {
         }
         if self.open.len() >= self.max_open_keys {
             // Bounded memory: the oldest open batch goes now, not full.
-            if let Some((_, oldest)) = self.order.pop_front() {
+            if let Some((_, oldest, _)) = self.order.pop_front() {
                 if let Some(b) = self.open.remove(&oldest) {
                     self.send(b).await?;
                 }
@@ -310,7 +365,7 @@ impl Coalescer {
         }
         self.open
             .insert(key.clone(), Batch::new(key.clone(), now, self.max_batch));
-        self.order.push_back((now + self.linger, key.clone()));
+        self.order.push_back((now + self.linger, key.clone(), now));
         self.metrics.set_open_keys(self.open.len());
         Ok(())
     }
@@ -380,20 +435,27 @@ impl Coalescer {
 
     async fn flush_due(&mut self) -> Result<(), Closed> {
         let now = Instant::now();
-        while let Some((deadline, _)) = self.order.front() {
-            if *deadline > now {
-                break;
+        let mut due = Vec::new();
+        for queue in [&mut self.order, &mut self.postponed] {
+            while queue.front().is_some_and(|(d, _, _)| *d <= now) {
+                let (_, key, opened) = queue.pop_front().expect("front exists");
+                due.push((key, opened));
             }
-            let (deadline, key) = self.order.pop_front().expect("front exists");
-            // A stale entry: that batch was sent full and the key reopened.
-            let current = self
-                .open
-                .get(&key)
-                .is_some_and(|b| b.opened + self.linger == deadline);
-            if current {
-                let b = self.open.remove(&key).expect("present");
-                self.send(b).await?;
+        }
+        for (key, opened) in due {
+            if self.open.get(&key).is_none_or(|b| b.opened != opened) {
+                continue;
             }
+            // While batches of this API wait for the limiter, a partly full
+            // one would only queue behind them: keep filling it.
+            let saturated = self.backlog.waiting(key.api) > 0;
+            let hold = (self.linger * MAX_LINGERS).max(MIN_HOLD);
+            if saturated && !self.draining && now < opened + hold {
+                self.postponed.push_back((now + RECHECK, key, opened));
+                continue;
+            }
+            let b = self.open.remove(&key).expect("present");
+            self.send(b).await?;
         }
         self.metrics.set_open_keys(self.open.len());
         Ok(())
@@ -401,6 +463,7 @@ impl Coalescer {
 
     async fn flush_all(&mut self) -> Result<(), Closed> {
         self.order.clear();
+        self.postponed.clear();
         let batches: Vec<Batch> = self.open.drain().map(|(_, b)| b).collect();
         self.metrics.set_open_keys(0);
         for b in batches {
@@ -410,8 +473,14 @@ impl Coalescer {
     }
 
     async fn send(&mut self, b: Batch) -> Result<(), Closed> {
+        let api = b.key.api;
+        self.backlog.queued(api);
         // Waiting here is the backpressure: the dispatcher is saturated.
-        self.out.send(b).await.map_err(|_| Closed)
+        if self.out.send(b).await.is_err() {
+            self.backlog.started(api);
+            return Err(Closed);
+        }
+        Ok(())
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::coalesce::{Batch, Input, Item, Target};
+use crate::coalesce::{Backlog, Batch, Input, Item, Target};
 use crate::config::DispatchSettings;
 use crate::inbox::journal::{unix_now, DeadLetter};
 use crate::telemetry::Metrics;
@@ -238,6 +238,7 @@ pub struct Dispatcher {
     client: Arc<TencentClient>,
     gates: HashMap<Api, Gate>,
     circuit: Arc<Circuit>,
+    backlog: Arc<Backlog>,
     retries: mpsc::UnboundedSender<Input>,
     dead: Arc<dyn DeadLetterSink>,
     metrics: Metrics,
@@ -252,6 +253,7 @@ impl Dispatcher {
         requests_per_second: u32,
         settings: DispatchSettings,
         circuit: Arc<Circuit>,
+        backlog: Arc<Backlog>,
         retries: mpsc::UnboundedSender<Input>,
         dead: Arc<dyn DeadLetterSink>,
         metrics: Metrics,
@@ -265,6 +267,7 @@ impl Dispatcher {
             client,
             gates,
             circuit,
+            backlog,
             retries,
             dead,
             metrics,
@@ -300,9 +303,12 @@ impl Dispatcher {
     }
 
     async fn run_batch(&self, batch: Batch) {
+        let api = batch.key.api;
+        let mut fresh = true;
         let mut work = vec![batch];
         while let Some(b) = work.pop() {
-            if let Some((a, b)) = self.drive(b).await {
+            let started = std::mem::take(&mut fresh).then_some(api);
+            if let Some((a, b)) = self.drive(b, started).await {
                 work.push(b);
                 work.push(a);
             }
@@ -328,12 +334,16 @@ impl Dispatcher {
     /// Sends one batch until it settles. Returns two halves when the batch
     /// must be split to isolate a bad account. Returns `None` also when
     /// stopped: unsettled items stay in the journal / on the broker.
-    async fn drive(&self, batch: Batch) -> Option<(Batch, Batch)> {
+    /// `from_coalescer`: this is the batch's first attempt, counted in the
+    /// coalescer's backlog until it passes the gate.
+    async fn drive(&self, batch: Batch, mut from_coalescer: Option<Api>) -> Option<(Batch, Batch)> {
         let api = batch.key.api;
         let mut retries = Retries::default();
         loop {
             let (pass, started, result) = self
-                .attempt(api, Some(batch.size()), || self.call(&batch))
+                .attempt(api, Some(batch.size()), from_coalescer.take(), || {
+                    self.call(&batch)
+                })
                 .await?;
             let err = match result {
                 Ok(outcome) => {
@@ -402,7 +412,7 @@ impl Dispatcher {
         let mut retries = Retries::default();
         loop {
             let (pass, started, result) = self
-                .attempt(api, None, &call)
+                .attempt(api, None, None, &call)
                 .await
                 .ok_or(ReadError::Stopped)?;
             let err = match result {
@@ -435,6 +445,7 @@ impl Dispatcher {
         &self,
         api: Api,
         items: Option<usize>,
+        leaves_backlog: Option<Api>,
         call: F,
     ) -> Option<(Pass, Instant, Result<T, ApiError>)>
     where
@@ -443,6 +454,9 @@ impl Dispatcher {
     {
         let pass = self.circuit.pass(&self.stop).await?;
         let permit = self.gates[&api].enter(&self.stop).await?;
+        if let Some(api) = leaves_backlog {
+            self.backlog.started(api);
+        }
         let started = Instant::now();
         let result = call().await;
         drop(permit);

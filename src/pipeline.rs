@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::coalesce::{Coalescer, Input, Item};
+use crate::coalesce::{Backlog, Coalescer, Input, Item};
 use crate::config::Settings;
 use crate::dispatch::{Circuit, DeadLetterSink, Dispatcher};
 use crate::rules::Action;
@@ -89,10 +89,12 @@ impl Pipeline {
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let (batch_tx, batch_rx) = mpsc::channel(d.max_in_flight.max(8) * 2);
         let circuit = Circuit::new(Duration::from_millis(d.probe_interval_ms), metrics.clone());
+        let backlog = Arc::new(Backlog::default());
         let coalescer = Coalescer::new(
             Duration::from_millis(settings.batching.linger_ms),
             d.max_open_keys,
             settings.batching.max_batch_items,
+            backlog.clone(),
             batch_tx,
             metrics.clone(),
         );
@@ -102,6 +104,7 @@ impl Pipeline {
             settings.tencent.requests_per_second,
             d.clone(),
             circuit.clone(),
+            backlog,
             retry_tx,
             dead,
             metrics.clone(),

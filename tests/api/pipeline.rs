@@ -438,3 +438,50 @@ async fn pending_work_in_memory_stays_within_its_bound() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn batches_keep_filling_while_the_limiter_holds_their_api() {
+    let up = TestUpstream::start().await;
+    let channels: Vec<String> = (0..5).map(|i| format!("@TOA#_sat{i}")).collect();
+    let members = users("sat", 100);
+    seed_channels(&up, &channels, &members);
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    // A linger far shorter than it takes to post the events, and a slow
+    // limiter: sealed at the linger, batches would go out a few accounts
+    // each; kept open while earlier ones wait for the limiter, they fill.
+    settings.batching.linger_ms = 20;
+    settings.tencent.requests_per_second = 4;
+    let app = TestApp::spawn(settings).await;
+    for u in &members {
+        for c in &channels {
+            let r = app
+                .post_event(
+                    &format!("sat-{u}-{c}"),
+                    "user.banned",
+                    json!({"user_id": u, "channels": [c]}),
+                )
+                .await;
+            assert_eq!(r.status(), 202);
+        }
+    }
+    eventually(20, "all removed", || async {
+        channels
+            .iter()
+            .all(|c| up.emulator.subscribers(c).unwrap().is_empty())
+    })
+    .await;
+    let sizes: Vec<usize> = up
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.api == "delete_subscriber")
+        .map(|c| c.accounts.len())
+        .collect();
+    let calls = sizes.len();
+    assert!(
+        calls <= 10,
+        "{calls} calls for 500 removals (minimum 5): {sizes:?}"
+    );
+    app.stop().await;
+}
