@@ -192,6 +192,20 @@ impl Rules {
         self.rules.get(kind)
     }
 
+    /// Whether `plan` would accept `event`, without building its actions
+    /// (the webhook edge checks every event this way).
+    pub fn validate(&self, event: &Event) -> Result<(), RuleError> {
+        let rule = self
+            .rules
+            .get(&event.kind)
+            .ok_or_else(|| RuleError::UnknownType(event.kind.clone()))?;
+        let by_tier = [rule.unsubscribe, rule.subscribe].contains(&ChannelSource::ChannelsOrTier);
+        if by_tier && event.data.channels.is_none() {
+            self.channels_for(ChannelSource::ChannelsOrTier, event, Direction::Subscribe)?;
+        }
+        Ok(())
+    }
+
     /// The actions `event` calls for, without repeats.
     pub fn plan(&self, event: &Event) -> Result<Vec<Action>, RuleError> {
         let rule = self

@@ -42,10 +42,14 @@ pub enum IntakeError {
 
 impl Intake {
     /// Stores an event durably; `Duplicate` if its id was accepted before.
-    pub async fn accept(&self, id: &str, body: String) -> Result<Appended, IntakeError> {
+    pub async fn accept(
+        &self,
+        id: &str,
+        body: Box<serde_json::value::RawValue>,
+    ) -> Result<Appended, IntakeError> {
         match self {
             Intake::Journal(j) => Ok(j.append(id, body).await?),
-            Intake::Broker(b) => Ok(if b.publish_event(id, body.as_bytes()).await? {
+            Intake::Broker(b) => Ok(if b.publish_event(id, body.get().as_bytes()).await? {
                 Appended::New(0)
             } else {
                 Appended::Duplicate
@@ -194,7 +198,13 @@ async fn prepare(
             id,
             received_unix_ms,
             body,
-        } => (id, body.into_bytes(), None, received_unix_ms, String::new()),
+        } => (
+            id,
+            body.get().as_bytes().to_vec(),
+            None,
+            received_unix_ms,
+            String::new(),
+        ),
         Record::Replay {
             received_unix_ms,
             dead_letter,

@@ -201,7 +201,7 @@ async fn post_event(
             );
         }
     };
-    if let Err(e) = state.rules.plan(&event) {
+    if let Err(e) = state.rules.validate(&event) {
         return match e {
             RuleError::UnknownType(t) => {
                 reject("unknown_type");
@@ -223,7 +223,7 @@ async fn post_event(
             }
         };
     }
-    let compact = String::from_utf8(event.to_json()).expect("serde_json writes UTF-8");
+    let compact = serde_json::value::to_raw_value(&event).expect("an Event always serializes");
     match state.intake.accept(id, compact).await {
         Ok(Appended::New(_)) => {
             m.event_received("webhook", &event.kind);

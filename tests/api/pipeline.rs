@@ -478,9 +478,12 @@ async fn batches_keep_filling_while_the_limiter_holds_their_api() {
         .filter(|c| c.api == "delete_subscriber")
         .map(|c| c.accounts.len())
         .collect();
+    // Sealed at the linger they would be dozens of calls of a few accounts.
+    // Kept open, each free limiter slot takes a batch as full as it got: a
+    // few partial ones while posting is under way, then full ones.
     let calls = sizes.len();
     assert!(
-        calls <= 10,
+        calls <= 16,
         "{calls} calls for 500 removals (minimum 5): {sizes:?}"
     );
     app.stop().await;
