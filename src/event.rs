@@ -56,6 +56,17 @@ fn err(field: impl Into<String>, problem: impl Into<String>) -> ParseError {
 impl Event {
     /// Parses the exact bytes received.
     pub fn parse(bytes: &[u8]) -> Result<Event, ParseError> {
+        // Most events are well-formed: read them straight into typed fields.
+        // Anything the fast path refuses is parsed again the slow way, which
+        // names the offending field (and is the authority on the answer).
+        match fast::parse(bytes) {
+            Some(e) => Ok(e),
+            None => Self::parse_checked(bytes),
+        }
+    }
+
+    /// Field-by-field parsing with precise errors.
+    pub fn parse_checked(bytes: &[u8]) -> Result<Event, ParseError> {
         let doc: Value = serde_json::from_slice(bytes)
             .map_err(|e| err("(body)", format!("is not valid JSON: {e}")))?;
         let Value::Object(root) = doc else {
@@ -140,6 +151,73 @@ fn list<T>(
                 .map(Some)
         }
         Some(_) => Err(err(format!("data.{name}"), "must be an array of strings")),
+    }
+}
+
+/// The typed fast path: `None` whenever anything is off.
+mod fast {
+    use serde::Deserialize;
+
+    use super::{Event, EventData, MAX_LIST};
+    use crate::tencent::{ChannelId, UserId};
+
+    #[derive(Deserialize)]
+    struct Doc {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default)]
+        timestamp: Option<String>,
+        data: Data,
+    }
+
+    #[derive(Deserialize)]
+    struct Data {
+        user_id: String,
+        #[serde(default)]
+        channels: Option<Vec<String>>,
+        #[serde(default)]
+        following: Option<Vec<String>>,
+        #[serde(default)]
+        followers: Option<Vec<String>>,
+        #[serde(default)]
+        owned_channels: Option<Vec<String>>,
+        #[serde(default)]
+        tier: Option<String>,
+    }
+
+    fn ids<T>(
+        list: Option<Vec<String>>,
+        parse: fn(String) -> Result<T, crate::tencent::ids::IdError>,
+    ) -> Option<Option<Vec<T>>> {
+        match list {
+            None => Some(None),
+            Some(v) if v.len() > MAX_LIST => None,
+            Some(v) => v
+                .into_iter()
+                .map(|s| parse(s).ok())
+                .collect::<Option<Vec<T>>>()
+                .map(Some),
+        }
+    }
+
+    pub(super) fn parse(bytes: &[u8]) -> Option<Event> {
+        let doc: Doc = serde_json::from_slice(bytes).ok()?;
+        if doc.kind.trim().is_empty() || doc.kind.len() > 128 {
+            return None;
+        }
+        let d = doc.data;
+        Some(Event {
+            kind: doc.kind,
+            timestamp: doc.timestamp,
+            data: EventData {
+                user_id: UserId::parse(d.user_id).ok()?,
+                channels: ids(d.channels, ChannelId::parse)?,
+                following: ids(d.following, UserId::parse)?,
+                followers: ids(d.followers, UserId::parse)?,
+                owned_channels: ids(d.owned_channels, ChannelId::parse)?,
+                tier: d.tier,
+            },
+        })
     }
 }
 
@@ -246,7 +324,73 @@ mod properties {
         })
     }
 
+    /// Documents shaped like events, each field sometimes wrong, so both
+    /// parsers see mostly valid and nearly valid events.
+    fn arb_event_like() -> impl Strategy<Value = Value> {
+        let id = prop_oneof![
+            4 => "[a-z0-9_]{1,12}".prop_map(Value::String),
+            1 => Just(Value::String(String::new())),
+            1 => Just(Value::String("bad\nid".into())),
+            1 => Just(Value::Null),
+            1 => any::<i64>().prop_map(Value::from),
+        ];
+        let channel = prop_oneof![
+            4 => "[a-z0-9]{1,8}".prop_map(|s| Value::String(format!("@TOA#_{s}"))),
+            1 => "[a-z0-9]{1,8}".prop_map(Value::String),
+            1 => Just(Value::Null),
+        ];
+        let list = |item: BoxedStrategy<Value>| {
+            prop_oneof![
+                3 => proptest::collection::vec(item, 0..4).prop_map(Value::Array),
+                1 => Just(Value::Null),
+                1 => Just(Value::String("x".into())),
+            ]
+            .boxed()
+        };
+        let kind = prop_oneof![
+            4 => Just(Value::String("user.banned".into())),
+            1 => Just(Value::String("  ".into())),
+            1 => Just(Value::Null),
+            1 => Just(Value::from(3)),
+        ];
+        (
+            kind,
+            id.clone(),
+            list(channel.clone().boxed()),
+            list(id.clone().boxed()),
+            list(id.boxed()),
+            list(channel.boxed()),
+            proptest::option::of(prop_oneof![Just(Value::from("pro")), Just(Value::from(1))]),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(kind, user, channels, following, followers, owned, tier, with_data)| {
+                    let mut data = serde_json::Map::new();
+                    data.insert("user_id".into(), user);
+                    data.insert("channels".into(), channels);
+                    data.insert("following".into(), following);
+                    data.insert("followers".into(), followers);
+                    data.insert("owned_channels".into(), owned);
+                    if let Some(t) = tier {
+                        data.insert("tier".into(), t);
+                    }
+                    let mut root = serde_json::Map::new();
+                    root.insert("type".into(), kind);
+                    if with_data {
+                        root.insert("data".into(), Value::Object(data));
+                    }
+                    Value::Object(root)
+                },
+            )
+    }
+
     proptest! {
+        #[test]
+        fn event_like_documents_parse_the_same_both_ways(doc in arb_event_like()) {
+            let bytes = doc.to_string().into_bytes();
+            prop_assert_eq!(Event::parse(&bytes), Event::parse_checked(&bytes));
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
             let _ = Event::parse(&bytes);
@@ -257,6 +401,12 @@ mod properties {
             if let Ok(e) = Event::parse(doc.to_string().as_bytes()) {
                 prop_assert_eq!(Event::parse(&e.to_json()).unwrap(), e);
             }
+        }
+
+        #[test]
+        fn the_fast_path_agrees_with_the_checked_one(doc in arb_json()) {
+            let bytes = doc.to_string().into_bytes();
+            prop_assert_eq!(Event::parse(&bytes), Event::parse_checked(&bytes));
         }
     }
 }
