@@ -91,10 +91,22 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+/// Registers a collector (each is created once, with a valid name).
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: Result<C, prometheus::Error>,
+) -> C {
+    let c = c.expect("valid metric");
     r.register(Box::new(c.clone())).expect("registered once");
     c
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::new(name, help))
 }
 
 impl Metrics {
@@ -119,91 +131,84 @@ impl Metrics {
             "Upstream REST calls by API and outcome: 0 success, else the vendor ErrorCode, http_<status>, timeout, connect or decode.",
             &["api", "error_code"],
         );
-        let upstream_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "upstream_request_duration_seconds",
-                "Upstream REST call latency.",
-            )
-            .buckets(vec![
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-            &["api"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(upstream_duration.clone()))
-            .expect("registered once");
-        let batch_items = HistogramVec::new(
-            HistogramOpts::new("batch_items", "Accounts per upstream request.").buckets(vec![
-                1.0, 2.0, 5.0, 10.0, 19.0, 20.0, 50.0, 90.0, 99.0, 100.0,
-            ]),
-            &["api"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(batch_items.clone()))
-            .expect("registered once");
+        let upstream_duration = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "upstream_request_duration_seconds",
+                    "Upstream REST call latency.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["api"],
+            ),
+        );
+        let batch_items = register(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new("batch_items", "Accounts per upstream request.").buckets(vec![
+                    1.0, 2.0, 5.0, 10.0, 19.0, 20.0, 50.0, 90.0, 99.0, 100.0,
+                ]),
+                &["api"],
+            ),
+        );
         let items = counter(
             &r,
             "items_total",
             "Per-item outcomes: applied, noop (already done), retried, dead_lettered.",
             &["api", "result"],
         );
-        let pending_items = IntGaugeVec::new(
-            Opts::new(
-                "pending_items",
-                "Actions accepted into the pipeline and not yet settled.",
+        let pending_items = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "pending_items",
+                    "Actions accepted into the pipeline and not yet settled.",
+                ),
+                &["api"],
             ),
-            &["api"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(pending_items.clone()))
-            .expect("registered once");
-        let open_keys = IntGauge::new("open_batches", "Coalescing keys with an open batch.")
-            .expect("valid metric");
-        r.register(Box::new(open_keys.clone()))
-            .expect("registered once");
-        let circuit_open = IntGauge::new(
+        );
+        let open_keys = gauge(&r, "open_batches", "Coalescing keys with an open batch.");
+        let circuit_open = gauge(
+            &r,
             "circuit_open",
             "1 while upstream rejects our credentials and dispatch is stopped.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(circuit_open.clone()))
-            .expect("registered once");
-        let settle_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "event_settle_seconds",
-                "Time from accepting an event to every action it produced settling.",
-            )
-            .buckets(vec![
-                0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
-            ]),
-        )
-        .expect("valid metric");
-        r.register(Box::new(settle_seconds.clone()))
-            .expect("registered once");
+        );
+        let settle_seconds = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "event_settle_seconds",
+                    "Time from accepting an event to every action it produced settling.",
+                )
+                .buckets(vec![
+                    0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ]),
+            ),
+        );
         let dead_letters = counter(
             &r,
             "dead_letters_total",
             "Actions dead-lettered, by reason.",
             &["reason"],
         );
-        let journal_events = IntGauge::new(
+        let journal_events = gauge(
+            &r,
             "journal_events",
             "Events in the embedded journal not yet settled.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(journal_events.clone()))
-            .expect("registered once");
+        );
 
-        let channel_subscribers = IntGaugeVec::new(
+        let channel_subscribers = register(
+            &r,
+            IntGaugeVec::new(
             Opts::new(
                 "managed_channel_subscribers",
                 "Subscribers of each managed channel (a configured, bounded set), as upstream counts them.",
             ),
             &["channel"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(channel_subscribers.clone()))
-            .expect("registered once");
+        ),
+        );
 
         let events_duplicate = counter(
             &r,
@@ -211,13 +216,11 @@ impl Metrics {
             "Events whose id was accepted before (answered 200, nothing done twice), by source.",
             &["source"],
         );
-        let broker_connected = IntGauge::new(
+        let broker_connected = gauge(
+            &r,
             "broker_connected",
             "1 while the RabbitMQ connection is up (broker mode); 0 otherwise.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(broker_connected.clone()))
-            .expect("registered once");
+        );
 
         let m = Metrics {
             registry: r,
