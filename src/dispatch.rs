@@ -464,11 +464,8 @@ impl Dispatcher {
             Ok(_) => "0".to_owned(),
             Err(e) => e.metric_code(),
         };
-        let seconds = started.elapsed().as_secs_f64();
-        match items {
-            Some(n) => self.metrics.upstream_request(api, &code, seconds, n),
-            None => self.metrics.upstream_call(api, &code, seconds),
-        }
+        self.metrics
+            .upstream_request(api, &code, started.elapsed().as_secs_f64(), items);
         Some((pass, started, result))
     }
 

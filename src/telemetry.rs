@@ -287,8 +287,9 @@ impl Metrics {
             .inc();
     }
 
-    /// One upstream attempt: its outcome label, latency and size.
-    pub fn upstream_request(&self, api: Api, error_code: &str, seconds: f64, items: usize) {
+    /// One upstream attempt: its outcome label, latency and, for a batch,
+    /// its size (reads carry none).
+    pub fn upstream_request(&self, api: Api, error_code: &str, seconds: f64, items: Option<usize>) {
         let a = api.name();
         self.upstream_requests
             .with_label_values(&[a, error_code])
@@ -296,20 +297,9 @@ impl Metrics {
         self.upstream_duration
             .with_label_values(&[a])
             .observe(seconds);
-        self.batch_items
-            .with_label_values(&[a])
-            .observe(items as f64);
-    }
-
-    /// One upstream call that carries no batch (reads): outcome and latency.
-    pub fn upstream_call(&self, api: Api, error_code: &str, seconds: f64) {
-        let a = api.name();
-        self.upstream_requests
-            .with_label_values(&[a, error_code])
-            .inc();
-        self.upstream_duration
-            .with_label_values(&[a])
-            .observe(seconds);
+        if let Some(n) = items {
+            self.batch_items.with_label_values(&[a]).observe(n as f64);
+        }
     }
 
     pub fn items(&self, api: Api, result: &str, n: usize) {

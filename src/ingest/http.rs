@@ -284,6 +284,18 @@ async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
     }
 }
 
+/// An admin route's JSON body, or the 400 problem naming what is wrong
+/// (returned at once as the answer, so its size does not matter).
+#[allow(clippy::result_large_err)]
+fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    title: &str,
+    field: Option<&str>,
+) -> Result<T, HttpResponse> {
+    serde_json::from_slice(body)
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, title, &e.to_string(), field))
+}
+
 /// `Some(response)` when the request may not use the admin routes.
 fn admin_denied(req: &HttpRequest, token: &SecretString) -> Option<HttpResponse> {
     let want = token.expose_secret();
@@ -356,16 +368,9 @@ async fn replay_dead_letters(
     let parsed: ReplayBody = if body.is_empty() {
         ReplayBody::default()
     } else {
-        match serde_json::from_slice(&body) {
+        match json_body(&body, "Invalid body", Some("ids")) {
             Ok(b) => b,
-            Err(e) => {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "Invalid body",
-                    &e.to_string(),
-                    Some("ids"),
-                );
-            }
+            Err(r) => return r,
         }
     };
     let Some(journal) = state.intake.journal() else {
@@ -409,16 +414,9 @@ async fn start_sweep(
     if let Some(denied) = admin_denied(&req, &state.admin_token) {
         return denied;
     }
-    let r: SweepRequest = match serde_json::from_slice(&body) {
+    let r: SweepRequest = match json_body(&body, "Invalid sweep", None) {
         Ok(r) => r,
-        Err(e) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Invalid sweep",
-                &e.to_string(),
-                None,
-            );
-        }
+        Err(resp) => return resp,
     };
     let channel = match ChannelId::parse(r.channel) {
         Ok(c) => c,
