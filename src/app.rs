@@ -11,41 +11,34 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::config::{decode_webhook_secret, Settings};
-use crate::dispatch::DeadLetterSink;
+use crate::config::Settings;
+use crate::domain::clock::unix_now;
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
-use crate::inbox::broker::{BrokerDeadLetters, BrokerLink};
-use crate::inbox::{self, journal::Journal, Intake};
-use crate::ingest::amqp::Consumer;
+use crate::inbox::broker::BrokerLink;
+use crate::inbox::consumer::BrokerInbox;
+use crate::inbox::journal::Journal;
+use crate::inbox::Inbox;
 use crate::ingest::http::{self, HttpState};
 use crate::ingest::signature::Verifier;
+use crate::intake;
 use crate::pipeline::{Pipeline, PipelineHandles};
 use crate::resolve::Planner;
 use crate::rules::Rules;
 use crate::sweep::{spawn_subscriber_counts, Sweeps};
 use crate::telemetry::Metrics;
-use crate::tencent::{ClientOptions, TencentClient};
+use crate::tencent::TencentClient;
 
 /// How long shutdown waits for in-flight work to settle.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-
-/// What holds accepted events, and what must be closed last.
-enum Backend {
-    Journal(Journal),
-    Broker {
-        link: Arc<BrokerLink>,
-        dead: Arc<BrokerDeadLetters>,
-        acks: TaskTracker,
-    },
-}
 
 /// A built, bound, not yet running service.
 pub struct Application {
     port: u16,
     server: actix_web::dev::Server,
-    backend: Backend,
+    inbox: Arc<dyn Inbox>,
+    /// Embedded mode's journal (tests reach its storage through it).
+    journal: Option<Journal>,
     handles: PipelineHandles,
     intake_stop: CancellationToken,
     intake_task: tokio::task::JoinHandle<()>,
@@ -58,10 +51,13 @@ impl Application {
     /// Opens the journal (or the broker link), starts the pipeline and binds
     /// the HTTP listener (port 0 picks a free port; see `port`).
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let rules = Arc::new(Rules::from_settings(&settings));
+        let rules = Arc::new(Rules::new(
+            settings.rules.clone(),
+            &settings.channels.rule_channels(),
+        ));
         let metrics = Metrics::new(rules.types());
 
-        let mut client_opts = ClientOptions::from_settings(&settings.tencent);
+        let mut client_opts = settings.tencent.client_options();
         let emulator = if settings.emulator.embedded {
             let running = start_demo_emulator(&settings).await?;
             tracing::warn!(
@@ -76,79 +72,53 @@ impl Application {
         let client = Arc::new(TencentClient::new(client_opts).context("building the HTTP client")?);
 
         let intake_stop = CancellationToken::new();
-        let (backend, intake, handles, intake_task, sweeps) = if settings.amqp.enabled() {
+        let (inbox, journal): (Arc<dyn Inbox>, Option<Journal>) = if settings.amqp.enabled() {
             let link = BrokerLink::new(
                 settings.amqp.url.clone(),
                 settings.amqp.queue.clone(),
                 settings.amqp.prefetch,
             );
-            let dead = BrokerDeadLetters::start(link.clone());
-            let sink: Arc<dyn DeadLetterSink> = dead.clone();
-            let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
-            let sweeps = Sweeps::new(handles.dispatcher.clone(), pipeline.clone());
-            let acks = TaskTracker::new();
-            let consumer = Consumer {
-                link: link.clone(),
-                pipeline,
-                planner: Arc::new(Planner::new(rules.clone(), handles.dispatcher.clone())),
-                metrics: metrics.clone(),
-                dead: dead.clone(),
-                acks: acks.clone(),
-            };
-            let task = tokio::spawn(consumer.run(intake_stop.clone()));
-            (
-                Backend::Broker {
-                    link: link.clone(),
-                    dead,
-                    acks,
-                },
-                Intake::Broker(link),
-                handles,
-                task,
-                sweeps,
-            )
+            (BrokerInbox::new(link), None)
         } else {
             let journal = Journal::open(&settings.journal.path).with_context(|| {
                 format!("opening the journal in {}", settings.journal.path.display())
             })?;
-            let sink: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
-            let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
-            let sweeps = Sweeps::new(handles.dispatcher.clone(), pipeline.clone());
-            let task = tokio::spawn(inbox::feed(
-                journal.clone(),
-                pipeline,
-                Arc::new(Planner::new(rules.clone(), handles.dispatcher.clone())),
-                metrics.clone(),
-                intake_stop.clone(),
-            ));
             spawn_id_pruning(journal.clone(), intake_stop.clone());
-            (
-                Backend::Journal(journal.clone()),
-                Intake::Journal(journal),
-                handles,
-                task,
-                sweeps,
-            )
+            (Arc::new(journal.clone()), Some(journal))
         };
+        let (pipeline, handles) = Pipeline::start(
+            &settings.batching,
+            &settings.dispatch,
+            settings.tencent.requests_per_second,
+            client,
+            inbox.clone(),
+            metrics.clone(),
+        );
+        let upstream = handles.upstream.clone();
+        let sweeps = Sweeps::new(upstream.clone(), pipeline.clone());
+        let intake_task = tokio::spawn(intake::run(
+            inbox.clone(),
+            pipeline,
+            Arc::new(Planner::new(rules.clone(), upstream.clone())),
+            metrics.clone(),
+            intake_stop.clone(),
+        ));
 
-        let keys = settings
-            .webhook
-            .secrets
-            .iter()
-            .map(|s| decode_webhook_secret(s.expose_secret()).map_err(anyhow::Error::msg))
-            .collect::<anyhow::Result<Vec<_>>>()?;
         let state = web::Data::new(HttpState {
-            verifier: Verifier::new(keys, settings.webhook.tolerance_seconds),
+            verifier: Verifier::new(
+                settings.webhook.secrets.clone(),
+                settings.webhook.tolerance_seconds,
+            ),
             rules: rules.clone(),
-            intake,
+            inbox: inbox.clone(),
             metrics: metrics.clone(),
-            circuit: handles.circuit.clone(),
+            circuit: upstream.circuit().clone(),
             body_limit: settings.server.body_limit_bytes,
             admin_token: settings.admin.token.clone(),
             sweeps: sweeps.clone(),
         });
         spawn_subscriber_counts(
-            handles.dispatcher.clone(),
+            upstream,
             rules.managed().to_vec(),
             Duration::from_secs(settings.channels.count_interval_seconds),
             metrics.clone(),
@@ -178,7 +148,8 @@ impl Application {
         Ok(Application {
             port,
             server,
-            backend,
+            inbox,
+            journal,
             handles,
             intake_stop,
             intake_task,
@@ -195,10 +166,7 @@ impl Application {
     /// The journal, in embedded mode (tests use it to simulate storage
     /// refusing appends).
     pub fn journal(&self) -> Option<Journal> {
-        match &self.backend {
-            Backend::Journal(j) => Some(j.clone()),
-            Backend::Broker { .. } => None,
-        }
+        self.journal.clone()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -218,26 +186,14 @@ impl Application {
         tracing::info!("shutting down: intake stops");
         handle.stop(true).await;
         let _ = server.await;
-        if let Backend::Journal(j) = &self.backend {
-            j.close_intake();
-        }
-        // The feeder or consumer (and the sweeps) drop their pipeline
-        // handles, so the coalescer sends every open batch.
+        self.inbox.close_intake();
+        // The intake loop (and the sweeps) drop their pipeline handles, so
+        // the coalescer sends every open batch.
         self.sweeps.close();
         self.intake_stop.cancel();
         let _ = self.intake_task.await;
         self.handles.drain(SHUTDOWN_GRACE).await;
-        match self.backend {
-            Backend::Journal(j) => {
-                j.sync().await.ok();
-            }
-            Backend::Broker { link, dead, acks } => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), dead.flushed()).await;
-                acks.close();
-                let _ = tokio::time::timeout(Duration::from_secs(5), acks.wait()).await;
-                link.close().await;
-            }
-        }
+        self.inbox.close().await;
         if let Some(e) = self.emulator {
             e.stop().await;
         }
@@ -253,7 +209,7 @@ fn spawn_id_pruning(journal: Journal, stop: CancellationToken) {
         let mut every = tokio::time::interval(Duration::from_secs(600));
         loop {
             tokio::select! {
-                _ = every.tick() => journal.prune_ids(crate::inbox::journal::unix_now().saturating_sub(DEDUPE_WINDOW)),
+                _ = every.tick() => journal.prune_ids(unix_now().saturating_sub(DEDUPE_WINDOW)),
                 _ = stop.cancelled() => return,
             }
         }

@@ -1,14 +1,15 @@
-//! The command line: `serve`, `emulator`, `send`, `usersig`. Each command
+//! The command line: `serve`, `emulator`, `send`, `usersig`, `sweep`. Each command
 //! returns an exit code: 0 ok, 2 bad arguments or configuration, 1 otherwise.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, decode_webhook_secret, ConfigError};
+use crate::config::{self, ConfigError};
+use crate::domain::clock::{rfc3339, unix_now};
+use crate::domain::WebhookKey;
 use crate::emulator::{self, EmulatorConfig};
 use crate::ingest::signature;
 use crate::tencent::usersig;
@@ -118,13 +119,6 @@ pub enum Command {
     },
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve { config: None });
@@ -173,7 +167,7 @@ pub fn run(cli: Cli) -> ExitCode {
             secret,
             id,
         } => {
-            let key = match decode_webhook_secret(&secret) {
+            let key = match WebhookKey::decode(&secret) {
                 Ok(k) => k,
                 Err(problem) => return usage_error(&format!("--secret: {problem}")),
             };
@@ -194,7 +188,7 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             let body = serde_json::json!({
                 "type": event_type,
-                "timestamp": humantime_now(),
+                "timestamp": rfc3339(unix_now()),
                 "data": data,
             })
             .to_string();
@@ -254,37 +248,9 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// RFC 3339 UTC timestamp of now, without pulling in a date crate.
-fn humantime_now() -> String {
-    let secs = unix_now();
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
-async fn send(url: String, key: Vec<u8>, id: String, body: String) -> anyhow::Result<()> {
+async fn send(url: String, key: WebhookKey, id: String, body: String) -> anyhow::Result<()> {
     let ts = unix_now().to_string();
-    let sig = signature::sign(&key, &id, &ts, body.as_bytes());
+    let sig = signature::sign(key.as_bytes(), &id, &ts, body.as_bytes());
     let resp = reqwest::Client::new()
         .post(&url)
         .header("content-type", "application/json")
@@ -436,13 +402,6 @@ fn usage_error(msg: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_413), (2025, 11, 21));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-    }
 
     #[test]
     fn cli_parses() {

@@ -13,11 +13,11 @@ use indexmap::IndexMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::rules::Action;
+use crate::domain::Action;
+use crate::domain::{Api, ChannelId, ItemResult, UserId};
 use crate::settle::Origin;
 use crate::telemetry::Metrics;
-use crate::tencent::api::{MAX_FOLLOWS_PER_CALL, MAX_SUBSCRIBERS_PER_CALL};
-use crate::tencent::{Api, ChannelId, UserId};
+use crate::tencent::{FollowBatch, SubscriberBatch};
 
 /// One action of one event, waiting for its call.
 #[derive(Debug, Clone)]
@@ -27,123 +27,122 @@ pub struct Item {
     pub attempts: u32,
 }
 
-/// What a batch's call is addressed to.
+/// What a batch is for: one kind of action on one target. Each kind names
+/// its target's type, so a key for a call that does not exist (a follow
+/// removal addressed to a channel) cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Target {
-    Channel(ChannelId),
-    From(UserId),
+pub enum BatchKey {
+    /// `delete_subscriber` on a channel; members are the subscribers.
+    Unsubscribe(ChannelId),
+    /// `add_subscriber` on a channel; members are the subscribers.
+    Subscribe(ChannelId),
+    /// `follow_delete` from one account; members are the `To_Account`s.
+    Unfollow(UserId),
+    /// `destroy_official_account`; no members, the channel as a whole.
+    Destroy(ChannelId),
 }
 
-impl std::fmt::Display for Target {
+impl std::fmt::Display for BatchKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Channel(c) => write!(f, "{c}"),
-            Target::From(u) => write!(f, "from:{u}"),
+            BatchKey::Unsubscribe(c) | BatchKey::Subscribe(c) | BatchKey::Destroy(c) => {
+                write!(f, "{c}")
+            }
+            BatchKey::Unfollow(u) => write!(f, "from:{u}"),
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct BatchKey {
-    pub api: Api,
-    pub target: Target,
 }
 
 impl BatchKey {
+    /// Splits an action into its batch key and member (None: the action is
+    /// on the target as a whole).
+    pub fn of(action: Action) -> (BatchKey, Option<UserId>) {
+        match action {
+            Action::Unsubscribe { channel, user } => (BatchKey::Unsubscribe(channel), Some(user)),
+            Action::Subscribe { channel, user } => (BatchKey::Subscribe(channel), Some(user)),
+            Action::Unfollow { from, to } => (BatchKey::Unfollow(from), Some(to)),
+            Action::Destroy { channel } => (BatchKey::Destroy(channel), None),
+        }
+    }
+
+    pub fn api(&self) -> Api {
+        match self {
+            BatchKey::Unsubscribe(_) => Api::DeleteSubscriber,
+            BatchKey::Subscribe(_) => Api::AddSubscriber,
+            BatchKey::Unfollow(_) => Api::FollowDelete,
+            BatchKey::Destroy(_) => Api::DestroyOfficialAccount,
+        }
+    }
+
     /// Most accounts one call for this key may carry.
     pub fn capacity(&self) -> usize {
-        match self.api {
-            Api::DeleteSubscriber | Api::AddSubscriber => MAX_SUBSCRIBERS_PER_CALL,
-            Api::FollowDelete | Api::FollowAdd => MAX_FOLLOWS_PER_CALL,
-            _ => 1,
+        match self {
+            BatchKey::Unsubscribe(_) | BatchKey::Subscribe(_) => SubscriberBatch::CAPACITY,
+            BatchKey::Unfollow(_) => FollowBatch::CAPACITY,
+            BatchKey::Destroy(_) => 1,
         }
     }
 
-    /// The action a member of this batch stands for.
-    pub fn action(&self, member: Option<&UserId>) -> Action {
-        match (&self.target, member) {
-            (Target::Channel(c), Some(u)) if self.api == Api::DeleteSubscriber => {
-                Action::Unsubscribe {
-                    channel: c.clone(),
-                    user: u.clone(),
-                }
-            }
-            (Target::Channel(c), Some(u)) if self.api == Api::AddSubscriber => Action::Subscribe {
+    /// The action one member of this batch stands for.
+    pub fn member_action(&self, member: &UserId) -> Action {
+        match self {
+            BatchKey::Unsubscribe(c) => Action::Unsubscribe {
                 channel: c.clone(),
-                user: u.clone(),
+                user: member.clone(),
             },
-            (Target::From(f), Some(u)) => Action::Unfollow {
+            BatchKey::Subscribe(c) => Action::Subscribe {
+                channel: c.clone(),
+                user: member.clone(),
+            },
+            BatchKey::Unfollow(f) => Action::Unfollow {
                 from: f.clone(),
-                to: u.clone(),
+                to: member.clone(),
             },
-            (Target::Channel(c), _) => Action::Destroy { channel: c.clone() },
-            (Target::From(f), None) => Action::Unfollow {
-                from: f.clone(),
-                to: f.clone(),
-            },
+            // A destroy has no members: its only action is itself.
+            BatchKey::Destroy(c) => Action::Destroy { channel: c.clone() },
+        }
+    }
+
+    /// The key whose pending work a new action on this key cancels: an
+    /// addition and a removal of the same account on the same channel.
+    fn opposite(&self) -> Option<BatchKey> {
+        match self {
+            BatchKey::Unsubscribe(c) => Some(BatchKey::Subscribe(c.clone())),
+            BatchKey::Subscribe(c) => Some(BatchKey::Unsubscribe(c.clone())),
+            _ => None,
         }
     }
 }
 
-/// Splits an action into its batch key and member (None: the action is on
-/// the target as a whole).
-pub fn key_of(action: Action) -> (BatchKey, Option<UserId>) {
-    match action {
-        Action::Unsubscribe { channel, user } => (
-            BatchKey {
-                api: Api::DeleteSubscriber,
-                target: Target::Channel(channel),
-            },
-            Some(user),
-        ),
-        Action::Unfollow { from, to } => (
-            BatchKey {
-                api: Api::FollowDelete,
-                target: Target::From(from),
-            },
-            Some(to),
-        ),
-        Action::Destroy { channel } => (
-            BatchKey {
-                api: Api::DestroyOfficialAccount,
-                target: Target::Channel(channel),
-            },
-            None,
-        ),
-        Action::Subscribe { channel, user } => (
-            BatchKey {
-                api: Api::AddSubscriber,
-                target: Target::Channel(channel),
-            },
-            Some(user),
-        ),
-    }
+/// One call's request, typed by the vendor's batch limits.
+#[derive(Debug)]
+pub enum Request<'a> {
+    DeleteSubscriber(&'a ChannelId, SubscriberBatch),
+    AddSubscriber(&'a ChannelId, SubscriberBatch),
+    FollowDelete(&'a UserId, FollowBatch),
+    Destroy(&'a ChannelId),
 }
 
-/// The key whose pending work a new action on `key` cancels: an addition
-/// and a removal of the same account on the same channel.
-fn opposite(key: &BatchKey) -> Option<BatchKey> {
-    let api = match key.api {
-        Api::DeleteSubscriber => Api::AddSubscriber,
-        Api::AddSubscriber => Api::DeleteSubscriber,
-        _ => return None,
-    };
-    Some(BatchKey {
-        api,
-        target: key.target.clone(),
-    })
+/// A batch taken apart, for settling or dead-lettering everything in it.
+#[derive(Debug, Default)]
+pub struct BatchParts {
+    pub members: Vec<(UserId, Vec<Item>)>,
+    /// Items on the target as a whole (destroy).
+    pub whole: Vec<Item>,
+    /// Unsubscribes from a channel this batch destroys: they settle with it.
+    pub riders: Vec<(UserId, Item)>,
 }
 
 /// A set of distinct accounts for one call, each with the items (one per
 /// event that asked) it settles.
 #[derive(Debug)]
 pub struct Batch {
-    pub key: BatchKey,
-    pub members: IndexMap<UserId, Vec<Item>>,
+    key: BatchKey,
+    members: IndexMap<UserId, Vec<Item>>,
     /// Items on the target as a whole (destroy).
-    pub whole: Vec<Item>,
+    whole: Vec<Item>,
     /// Unsubscribes from a channel this batch destroys: they settle with it.
-    pub riders: Vec<(UserId, Item)>,
+    riders: Vec<(UserId, Item)>,
     opened: Instant,
     /// Accounts that make this batch full.
     cap: usize,
@@ -159,6 +158,48 @@ impl Batch {
             riders: Vec::new(),
             opened: now,
             cap,
+        }
+    }
+
+    pub fn key(&self) -> &BatchKey {
+        &self.key
+    }
+
+    pub fn api(&self) -> Api {
+        self.key.api()
+    }
+
+    /// The vendor request for this batch. Members never exceed the key's
+    /// capacity (the coalescer sends a batch once it is full, and halves
+    /// only shrink), so the typed batch always fits.
+    pub fn request(&self) -> Request<'_> {
+        const FITS: &str = "a batch never holds more members than its key's capacity";
+        let members = || self.members.keys().cloned();
+        match &self.key {
+            BatchKey::Unsubscribe(c) => {
+                Request::DeleteSubscriber(c, SubscriberBatch::try_from_iter(members()).expect(FITS))
+            }
+            BatchKey::Subscribe(c) => {
+                Request::AddSubscriber(c, SubscriberBatch::try_from_iter(members()).expect(FITS))
+            }
+            BatchKey::Unfollow(f) => {
+                Request::FollowDelete(f, FollowBatch::try_from_iter(members()).expect(FITS))
+            }
+            BatchKey::Destroy(c) => Request::Destroy(c),
+        }
+    }
+
+    /// The items of one member, taken out of the batch.
+    pub fn take_member(&mut self, member: &UserId) -> Option<Vec<Item>> {
+        self.members.shift_remove(member)
+    }
+
+    /// Everything still in the batch.
+    pub fn into_parts(self) -> BatchParts {
+        BatchParts {
+            members: self.members.into_iter().collect(),
+            whole: self.whole,
+            riders: self.riders,
         }
     }
 
@@ -337,9 +378,9 @@ impl Coalescer {
         let now = Instant::now();
         match input {
             Input::Action(action, item) => {
-                let (key, member) = key_of(action);
-                if key.api == Api::DestroyOfficialAccount {
-                    self.add_destroy(key, item, now).await
+                let (key, member) = BatchKey::of(action);
+                if let BatchKey::Destroy(channel) = key {
+                    self.add_destroy(channel, item, now).await
                 } else if let Some(member) = member {
                     self.supersede(&key, &member);
                     self.add_member(key, member, vec![item], now).await
@@ -391,7 +432,7 @@ impl Coalescer {
     /// A later action wins over a pending opposite one for the same account
     /// and channel: the earlier one is never sent and settles as a noop.
     fn supersede(&mut self, key: &BatchKey, member: &UserId) {
-        let Some(other) = opposite(key) else { return };
+        let Some(other) = key.opposite() else { return };
         let Some(batch) = self.open.get_mut(&other) else {
             return;
         };
@@ -399,8 +440,8 @@ impl Coalescer {
             return;
         };
         let n = items.len();
-        self.metrics.items(other.api, "noop", n);
-        self.metrics.pending_add(other.api, -(n as i64));
+        self.metrics.items(other.api(), ItemResult::Noop, n);
+        self.metrics.pending_add(other.api(), -(n as i64));
         for i in items {
             i.origin.settle_one();
         }
@@ -410,14 +451,14 @@ impl Coalescer {
         }
     }
 
-    async fn add_destroy(&mut self, key: BatchKey, item: Item, now: Instant) -> Result<(), Closed> {
-        let Target::Channel(channel) = &key.target else {
-            return Ok(());
-        };
-        let unsub_key = BatchKey {
-            api: Api::DeleteSubscriber,
-            target: Target::Channel(channel.clone()),
-        };
+    async fn add_destroy(
+        &mut self,
+        channel: ChannelId,
+        item: Item,
+        now: Instant,
+    ) -> Result<(), Closed> {
+        let unsub_key = BatchKey::Unsubscribe(channel.clone());
+        let key = BatchKey::Destroy(channel);
         self.open_batch(&key, now).await?;
         let mut batch = self.open.remove(&key).expect("just opened");
         batch.whole.push(item);
@@ -448,7 +489,7 @@ impl Coalescer {
             }
             // While batches of this API wait for the limiter, a partly full
             // one would only queue behind them: keep filling it.
-            let saturated = self.backlog.waiting(key.api) > 0;
+            let saturated = self.backlog.waiting(key.api()) > 0;
             let hold = (self.linger * MAX_LINGERS).max(MIN_HOLD);
             if saturated && !self.draining && now < opened + hold {
                 self.postponed.push_back((now + RECHECK, key, opened));
@@ -473,7 +514,7 @@ impl Coalescer {
     }
 
     async fn send(&mut self, b: Batch) -> Result<(), Closed> {
-        let api = b.key.api;
+        let api = b.api();
         self.backlog.queued(api);
         // Waiting here is the backpressure: the dispatcher is saturated.
         if self.out.send(b).await.is_err() {

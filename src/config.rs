@@ -7,16 +7,15 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
-use crate::rules::{default_rules, Rule};
+use crate::domain::{ChannelId, WebhookKey};
+use crate::rules::{default_rules, Rule, RuleChannels};
 use crate::tencent::api::{region_domain, REGIONS};
-use crate::tencent::ChannelId;
+use crate::tencent::ClientOptions;
 
 /// The shipped `config/default.toml`, used when no file is named and none is
 /// found at that path, so the binary runs from anywhere.
@@ -146,8 +145,9 @@ impl Default for ServerSettings {
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
     /// Never printed: `SecretString`'s Debug redacts it.
-    #[serde(deserialize_with = "secret_list")]
-    pub secrets: Vec<SecretString>,
+    /// Decoded once, here; `WebhookKey`'s Debug redacts it.
+    #[serde(deserialize_with = "webhook_keys")]
+    pub secrets: Vec<WebhookKey>,
     #[serde(default = "default_tolerance")]
     pub tolerance_seconds: u64,
 }
@@ -188,6 +188,17 @@ fn default_timeout() -> u64 {
 }
 
 impl TencentSettings {
+    /// What the Tencent client needs of this section.
+    pub fn client_options(&self) -> ClientOptions {
+        ClientOptions {
+            base_url: self.endpoint(),
+            sdkappid: self.sdkappid,
+            secret_key: self.secret_key.clone(),
+            admin_identifier: self.admin_identifier.clone(),
+            timeout: std::time::Duration::from_millis(self.timeout_ms),
+        }
+    }
+
     /// The URL prefix calls go to: `base_url` if set, else the region's domain.
     pub fn endpoint(&self) -> String {
         if self.base_url.is_empty() {
@@ -261,16 +272,27 @@ impl Default for BatchingSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChannelSettings {
-    #[serde(deserialize_with = "string_list")]
-    pub managed: Vec<String>,
+    #[serde(deserialize_with = "channel_list")]
+    pub managed: Vec<ChannelId>,
     /// Tier names, lowest first (for `tier.downgraded`).
     #[serde(deserialize_with = "string_list")]
     pub tiers: Vec<String>,
     /// Managed channel -> the tier it requires.
-    pub required_tier: BTreeMap<String, String>,
+    pub required_tier: BTreeMap<ChannelId, String>,
     /// How often (seconds) to read each managed channel's subscriber count
     /// for `chat_janitor_managed_channel_subscribers`; 0 turns it off.
     pub count_interval_seconds: u64,
+}
+
+impl ChannelSettings {
+    /// What the rules need of this section.
+    pub fn rule_channels(&self) -> RuleChannels {
+        RuleChannels {
+            managed: self.managed.clone(),
+            tiers: self.tiers.clone(),
+            required_tier: self.required_tier.clone(),
+        }
+    }
 }
 
 impl Default for ChannelSettings {
@@ -321,11 +343,31 @@ fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
     })
 }
 
-fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SecretString>, D::Error> {
-    Ok(string_list(d)?
-        .into_iter()
-        .map(SecretString::from)
-        .collect())
+/// A list whose items parse into `T`; a bad item is named by its index
+/// (`figment_error` moves the index into the key).
+fn parsed_list<'de, D, T, E>(d: D, parse: impl Fn(&str) -> Result<T, E>) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    E: fmt::Display,
+{
+    string_list(d)?
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            parse(s).map_err(|e| serde::de::Error::custom(format!("{INDEX_MARK}{i}]: {e}")))
+        })
+        .collect()
+}
+
+/// How `parsed_list` marks an item's index in an error.
+const INDEX_MARK: &str = "item [";
+
+fn webhook_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<WebhookKey>, D::Error> {
+    parsed_list(d, WebhookKey::decode)
+}
+
+fn channel_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ChannelId>, D::Error> {
+    parsed_list(d, |s| ChannelId::parse(s))
 }
 
 /// A string that the environment provider may have parsed as a number.
@@ -416,6 +458,14 @@ fn figment_error(e: figment::Error) -> ConfigError {
             }
             "is not a known key".to_owned()
         }
+        Kind::Message(m) if m.starts_with(INDEX_MARK) => {
+            let rest = &m[INDEX_MARK.len()..];
+            let (index, problem) = rest.split_once("]: ").unwrap_or(("?", rest));
+            if let Some(last) = path.last_mut() {
+                last.push_str(&format!("[{index}]"));
+            }
+            problem.to_owned()
+        }
         other => other.to_string(),
     };
     let key = if path.is_empty() {
@@ -426,21 +476,8 @@ fn figment_error(e: figment::Error) -> ConfigError {
     ConfigError::new(key, problem)
 }
 
-/// Decodes a Standard Webhooks secret (`whsec_` + base64) into its HMAC key.
-pub fn decode_webhook_secret(secret: &str) -> Result<Vec<u8>, &'static str> {
-    let b64 = secret
-        .strip_prefix("whsec_")
-        .ok_or("must start with \"whsec_\"")?;
-    let key = STANDARD
-        .decode(b64)
-        .map_err(|_| "is not valid base64 after \"whsec_\"")?;
-    if !(24..=64).contains(&key.len()) {
-        return Err("must decode to 24..64 bytes");
-    }
-    Ok(key)
-}
-
 impl Settings {
+    /// Checks what the types alone do not.
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, problem: &str| Err(ConfigError::new(key, problem));
         if !(1024..=64 * 1024 * 1024).contains(&self.server.body_limit_bytes) {
@@ -451,11 +488,6 @@ impl Settings {
         }
         if self.webhook.secrets.is_empty() {
             return bad("webhook.secrets", "at least one secret is required");
-        }
-        for (i, s) in self.webhook.secrets.iter().enumerate() {
-            if let Err(problem) = decode_webhook_secret(s.expose_secret()) {
-                return Err(ConfigError::new(format!("webhook.secrets[{i}]"), problem));
-            }
         }
         if !(1..=86_400).contains(&self.webhook.tolerance_seconds) {
             return bad("webhook.tolerance_seconds", "must be between 1 and 86400");
@@ -510,11 +542,7 @@ impl Settings {
         if !(1..=100).contains(&self.batching.max_batch_items) {
             return bad("batching.max_batch_items", "must be between 1 and 100");
         }
-        for (i, c) in self.channels.managed.iter().enumerate() {
-            if let Err(e) = ChannelId::parse(c.as_str()) {
-                return Err(ConfigError::new(format!("channels.managed[{i}]"), e));
-            }
-        }
+
         for (c, tier) in &self.channels.required_tier {
             let key = format!("channels.required_tier.\"{c}\"");
             if !self.channels.managed.contains(c) {
@@ -643,12 +671,5 @@ mod tests {
         assert!(!s.emulator.embedded);
         assert_eq!(s.tencent.endpoint(), "https://adminapisgp.im.qcloud.com");
         assert_eq!(s.batching.linger_ms, 200);
-    }
-
-    #[test]
-    fn webhook_secret_decoding() {
-        assert!(decode_webhook_secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").is_ok());
-        assert!(decode_webhook_secret("C2FVsBQIhrscChlQIMV+b5sSYspob7oD").is_err());
-        assert!(decode_webhook_secret("whsec_YWJj").is_err());
     }
 }

@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::tencent::ids::IdError;
-use crate::tencent::{ChannelId, UserId};
+use crate::domain::IdError;
+use crate::domain::{ChannelId, UserId};
 
 /// Most entries one list of an event may carry: bounded work per event.
 pub const MAX_LIST: usize = 10_000;
@@ -159,7 +159,7 @@ mod fast {
     use serde::Deserialize;
 
     use super::{Event, EventData, MAX_LIST};
-    use crate::tencent::{ChannelId, UserId};
+    use crate::domain::{ChannelId, UserId};
 
     #[derive(Deserialize)]
     struct Doc {
@@ -187,7 +187,7 @@ mod fast {
 
     fn ids<T>(
         list: Option<Vec<String>>,
-        parse: fn(String) -> Result<T, crate::tencent::ids::IdError>,
+        parse: fn(String) -> Result<T, crate::domain::IdError>,
     ) -> Option<Option<Vec<T>>> {
         match list {
             None => Some(None),

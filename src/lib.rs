@@ -2,9 +2,9 @@
 //! Cloud Chat out.
 //!
 //! ```text
-//! POST /v1/events -> verify -> journal -> feed -> rules -> coalesce -> dispatch -> Tencent REST
-//!                                 ^                                        |
-//!                                 +------------ settle <-- per-item results+
+//! POST /v1/events -> verify -> inbox (journal or broker) -> intake -> rules -> coalesce -> dispatch -> Tencent REST
+//!                                 ^                                                          |
+//!                                 +-------------------------- settle <-- per-item results ---+
 //! ```
 //! `main.rs` only parses the command line; everything else is here so the
 //! tests drive the same code.
@@ -15,10 +15,12 @@ pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod dispatch;
+pub mod domain;
 pub mod emulator;
 pub mod event;
 pub mod inbox;
 pub mod ingest;
+pub mod intake;
 pub mod pipeline;
 pub mod resolve;
 pub mod rules;

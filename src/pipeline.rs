@@ -1,6 +1,6 @@
 //! Wires rules, coalescer and dispatcher together behind one `submit`, with
 //! the in-memory bound (`max_pending_items`) that gives backpressure to
-//! whatever feeds it: the journal feeder or the AMQP consumer.
+//! whatever feeds it: the intake loop, and sweeps.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::coalesce::{Backlog, Coalescer, Input, Item};
-use crate::config::Settings;
-use crate::dispatch::{Circuit, DeadLetterSink, Dispatcher};
-use crate::rules::Action;
+use crate::config::{BatchingSettings, DispatchSettings};
+use crate::dispatch::{Dispatcher, Upstream};
+use crate::domain::{Action, DeadLetterSink};
 use crate::settle::{EventMeta, Origin};
 use crate::telemetry::Metrics;
 use crate::tencent::TencentClient;
@@ -35,9 +35,9 @@ pub struct Pipeline {
 
 /// What keeps running behind the pipeline, for shutdown and readiness.
 pub struct PipelineHandles {
-    pub circuit: Arc<Circuit>,
-    /// For reads (resolution, sweeps, counts) under the same limits.
-    pub dispatcher: Arc<Dispatcher>,
+    /// For reads (resolution, sweeps, counts) under the same limits, and
+    /// the circuit's state.
+    pub upstream: Arc<Upstream>,
     pub tasks: TaskTracker,
     /// Fires to abandon waits (backoff, circuit) at the end of the grace.
     pub hard_stop: CancellationToken,
@@ -58,7 +58,7 @@ impl PipelineHandles {
         // Waiting is pointless while upstream rejects our credentials.
         while self.in_flight() > 0
             && Instant::now() < deadline
-            && self.circuit.open_reason().is_none()
+            && self.upstream.circuit().open_reason().is_none()
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -77,40 +77,44 @@ impl PipelineHandles {
 impl Pipeline {
     /// Starts the coalescer and dispatcher tasks.
     pub fn start(
-        settings: &Settings,
+        batching: &BatchingSettings,
+        d: &DispatchSettings,
+        requests_per_second: u32,
         client: Arc<TencentClient>,
         dead: Arc<dyn DeadLetterSink>,
         metrics: Metrics,
     ) -> (Pipeline, PipelineHandles) {
-        let d = settings.dispatch.clone();
         let hard_stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (input_tx, input_rx) = mpsc::channel(1024);
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
         let (batch_tx, batch_rx) = mpsc::channel(d.max_in_flight.max(8) * 2);
-        let circuit = Circuit::new(Duration::from_millis(d.probe_interval_ms), metrics.clone());
+        let upstream = Upstream::new(
+            client,
+            requests_per_second,
+            d.clone(),
+            metrics.clone(),
+            hard_stop.clone(),
+        );
         let backlog = Arc::new(Backlog::default());
         let coalescer = Coalescer::new(
-            Duration::from_millis(settings.batching.linger_ms),
+            Duration::from_millis(batching.linger_ms),
             d.max_open_keys,
-            settings.batching.max_batch_items,
+            batching.max_batch_items,
             backlog.clone(),
             batch_tx,
             metrics.clone(),
         );
         tasks.spawn(coalescer.run(input_rx, retry_rx, hard_stop.clone()));
         let dispatcher = Dispatcher::new(
-            client,
-            settings.tencent.requests_per_second,
-            d.clone(),
-            circuit.clone(),
+            upstream.clone(),
             backlog,
             retry_tx,
             dead,
             metrics.clone(),
             hard_stop.clone(),
         );
-        tasks.spawn(dispatcher.clone().run(batch_rx, tasks.clone()));
+        tasks.spawn(dispatcher.run(batch_rx, tasks.clone()));
         let permits = Arc::new(Semaphore::new(d.max_pending_items));
         (
             Pipeline {
@@ -120,8 +124,7 @@ impl Pipeline {
                 metrics,
             },
             PipelineHandles {
-                circuit,
-                dispatcher,
+                upstream,
                 tasks,
                 hard_stop,
                 permits,

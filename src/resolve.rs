@@ -1,17 +1,18 @@
 //! Planning an event into actions, resolving what it leaves out when its
 //! rule asks for it: the user's channels (`get_subscribed_official_account_list`),
 //! whom the user follows (`follow_get` type 2) and who follows the user
-//! (type 1), paged to the end. These reads go through the dispatcher, so
-//! they share its limiters, circuit and retries.
+//! (type 1), paged to the end. These reads go through `dispatch::Upstream`,
+//! so they share its limiters, circuit and retries.
 
 use std::sync::Arc;
 
-use crate::dispatch::{Dispatcher, ReadError};
+use crate::dispatch::{ReadError, Upstream};
+use crate::domain::Action;
+use crate::domain::{ChannelId, UserId};
 use crate::event::{Event, EventData, MAX_LIST};
-use crate::rules::{Action, RuleError, Rules};
+use crate::rules::{RuleError, Rules};
 use crate::tencent::api::{MAX_FOLLOW_GET, MAX_SUBSCRIBER_PAGE};
 use crate::tencent::types::FollowType;
-use crate::tencent::{Api, ChannelId, UserId};
 
 /// Why an event could not be planned.
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +38,11 @@ fn read_err(what: &'static str) -> impl Fn(ReadError) -> PlanError {
 /// Rules plus, for rules with `resolve = true`, the upstream to ask.
 pub struct Planner {
     rules: Arc<Rules>,
-    upstream: Arc<Dispatcher>,
+    upstream: Arc<Upstream>,
 }
 
 impl Planner {
-    pub fn new(rules: Arc<Rules>, upstream: Arc<Dispatcher>) -> Planner {
+    pub fn new(rules: Arc<Rules>, upstream: Arc<Upstream>) -> Planner {
         Planner { rules, upstream }
     }
 
@@ -81,13 +82,7 @@ impl Planner {
         loop {
             let page = self
                 .upstream
-                .read(Api::GetSubscribedOfficialAccountList, || {
-                    self.upstream.client().get_subscribed_official_account_list(
-                        user,
-                        MAX_SUBSCRIBER_PAGE,
-                        offset,
-                    )
-                })
+                .get_subscribed_official_account_list(user, MAX_SUBSCRIBER_PAGE, offset)
                 .await
                 .map_err(read_err("the user's channels"))?;
             let n = page.channels.len() as u64;
@@ -117,11 +112,7 @@ impl Planner {
         loop {
             let page = self
                 .upstream
-                .read(Api::FollowGet, || {
-                    self.upstream
-                        .client()
-                        .follow_get(user, kind, &cursor, MAX_FOLLOW_GET)
-                })
+                .follow_get(user, kind, &cursor, MAX_FOLLOW_GET)
                 .await
                 .map_err(read_err(what))?;
             out.extend(

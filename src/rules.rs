@@ -5,9 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::Deserialize;
 
-use crate::config::Settings;
+use crate::domain::{Action, ChannelId};
 use crate::event::{Event, ParseError};
-use crate::tencent::{Api, ChannelId, UserId};
 
 /// Which channels a rule acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -98,27 +97,6 @@ pub fn default_rules() -> BTreeMap<String, Rule> {
     ])
 }
 
-/// One unit of upstream work.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum Action {
-    Unsubscribe { channel: ChannelId, user: UserId },
-    Unfollow { from: UserId, to: UserId },
-    Destroy { channel: ChannelId },
-    Subscribe { channel: ChannelId, user: UserId },
-}
-
-impl Action {
-    pub fn api(&self) -> Api {
-        match self {
-            Action::Unsubscribe { .. } => Api::DeleteSubscriber,
-            Action::Unfollow { .. } => Api::FollowDelete,
-            Action::Destroy { .. } => Api::DestroyOfficialAccount,
-            Action::Subscribe { .. } => Api::AddSubscriber,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
     Unsubscribe,
@@ -145,29 +123,28 @@ pub struct Rules {
     required_rank: BTreeMap<ChannelId, usize>,
 }
 
+/// The channel facts rules need: `[channels]`, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleChannels {
+    /// Channels a user leaves when an event names none.
+    pub managed: Vec<ChannelId>,
+    /// Tier names, lowest first.
+    pub tiers: Vec<String>,
+    /// Managed channel -> the tier it requires.
+    pub required_tier: BTreeMap<ChannelId, String>,
+}
+
 impl Rules {
-    pub fn from_settings(s: &Settings) -> Rules {
-        let managed: Vec<ChannelId> = s
-            .channels
-            .managed
-            .iter()
-            .filter_map(|c| ChannelId::parse(c.as_str()).ok())
-            .collect();
-        let tiers = s.channels.tiers.clone();
-        let required_rank = s
-            .channels
+    pub fn new(rules: BTreeMap<String, Rule>, channels: &RuleChannels) -> Rules {
+        let tiers = channels.tiers.clone();
+        let required_rank = channels
             .required_tier
             .iter()
-            .filter_map(|(c, t)| {
-                Some((
-                    ChannelId::parse(c.as_str()).ok()?,
-                    tiers.iter().position(|x| x == t)?,
-                ))
-            })
+            .filter_map(|(c, t)| Some((c.clone(), tiers.iter().position(|x| x == t)?)))
             .collect();
         Rules {
-            rules: s.rules.clone(),
-            managed,
+            rules,
+            managed: channels.managed.clone(),
             tiers,
             required_rank,
         }
@@ -322,10 +299,11 @@ impl Rules {
 mod tests {
     use super::*;
     use crate::config;
+    use crate::domain::UserId;
 
     fn rules(extra: &str) -> Rules {
         let s = config::from_toml(&format!("{}\n{extra}", config::EMBEDDED_DEFAULTS)).unwrap();
-        Rules::from_settings(&s)
+        Rules::new(s.rules.clone(), &s.channels.rule_channels())
     }
 
     fn ev(json: &str) -> Event {
@@ -373,7 +351,7 @@ mod tests {
                 .replace("managed = []", "managed = [\"@TOA#_m1\", \"@TOA#_m2\"]"),
         )
         .unwrap();
-        let r = Rules::from_settings(&s);
+        let r = Rules::new(s.rules.clone(), &s.channels.rule_channels());
         let a = r
             .plan(&ev(r#"{"type":"user.banned","data":{"user_id":"u"}}"#))
             .unwrap();
@@ -413,7 +391,7 @@ mod tests {
                 ),
         )
         .unwrap();
-        let r = Rules::from_settings(&s);
+        let r = Rules::new(s.rules.clone(), &s.channels.rule_channels());
         let a = r
             .plan(&ev(
                 r#"{"type":"tier.downgraded","data":{"user_id":"u","tier":"plus"}}"#,

@@ -1,6 +1,6 @@
 //! Settle tracking: an event is done when every action it produced is
-//! applied, noop or dead-lettered. Only then is its journal entry removed or
-//! its AMQP delivery acknowledged.
+//! applied, noop or dead-lettered. Only then is its inbox receipt settled:
+//! the journal entry removed, or the AMQP delivery acknowledged.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,7 +17,6 @@ pub struct EventMeta {
     /// The webhook-id or AMQP message_id.
     pub id: String,
     pub kind: String,
-    pub source: &'static str,
     /// The event as accepted (compact JSON), kept for dead letters.
     pub body: Arc<[u8]>,
 }
@@ -109,7 +108,6 @@ mod tests {
         EventMeta {
             id: "e".into(),
             kind: "user.banned".into(),
-            source: "webhook",
             body: Arc::from(&b"{}"[..]),
         }
     }

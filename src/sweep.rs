@@ -1,7 +1,8 @@
 //! Sweeps: page through a channel's subscribers (`get_subscriber_info`,
 //! `Limit` 200, `Next` until empty) and remove, through the normal pipeline,
 //! everyone on a deny list. Also the managed channels' subscriber counts.
-//! Reads go through the dispatcher, so they share its limits and retries.
+//! Reads go through `dispatch::Upstream`, so they share its limits and
+//! retries.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,13 +15,13 @@ use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{Dispatcher, ReadError};
+use crate::dispatch::{ReadError, Upstream};
+use crate::domain::Action;
+use crate::domain::{ChannelId, UserId};
 use crate::pipeline::Pipeline;
-use crate::rules::Action;
 use crate::settle::EventMeta;
 use crate::telemetry::Metrics;
 use crate::tencent::api::MAX_SUBSCRIBER_PAGE;
-use crate::tencent::{Api, ChannelId, UserId};
 
 /// Most finished sweeps remembered for `GET`.
 const KEEP_FINISHED: usize = 100;
@@ -58,14 +59,14 @@ pub struct SweepStatus {
 
 /// Runs and remembers sweeps.
 pub struct Sweeps {
-    upstream: Arc<Dispatcher>,
+    upstream: Arc<Upstream>,
     pipeline: Mutex<Option<Pipeline>>,
     jobs: DashMap<u64, Arc<Mutex<SweepStatus>>>,
     next_id: AtomicU64,
 }
 
 impl Sweeps {
-    pub fn new(upstream: Arc<Dispatcher>, pipeline: Pipeline) -> Arc<Sweeps> {
+    pub fn new(upstream: Arc<Upstream>, pipeline: Pipeline) -> Arc<Sweeps> {
         Arc::new(Sweeps {
             upstream,
             pipeline: Mutex::new(Some(pipeline)),
@@ -157,11 +158,7 @@ impl Sweeps {
         loop {
             let page = self
                 .upstream
-                .read(Api::GetSubscriberInfo, || {
-                    self.upstream
-                        .client()
-                        .get_subscriber_info(channel, MAX_SUBSCRIBER_PAGE, &next)
-                })
+                .get_subscriber_info(channel, MAX_SUBSCRIBER_PAGE, &next)
                 .await
                 .map_err(|e| match e {
                     ReadError::Api(e) => e.to_string(),
@@ -201,7 +198,6 @@ impl Sweeps {
                 let meta = EventMeta {
                     id: format!("sweep-{id}"),
                     kind: "sweep".into(),
-                    source: "sweep",
                     body: Arc::from(
                         serde_json::to_vec(&serde_json::json!({"sweep": id, "channel": channel}))
                             .unwrap_or_default(),
@@ -235,7 +231,7 @@ impl Sweeps {
 /// Keeps `chat_janitor_managed_channel_subscribers` current: one
 /// `get_subscriber_info` with `Limit` 1 per managed channel per interval.
 pub fn spawn_subscriber_counts(
-    upstream: Arc<Dispatcher>,
+    upstream: Arc<Upstream>,
     channels: Vec<ChannelId>,
     every: Duration,
     metrics: Metrics,
@@ -252,11 +248,7 @@ pub fn spawn_subscriber_counts(
                 _ = stop.cancelled() => return,
             }
             for c in &channels {
-                let r = upstream
-                    .read(Api::GetSubscriberInfo, || {
-                        upstream.client().get_subscriber_info(c, 1, "")
-                    })
-                    .await;
+                let r = upstream.get_subscriber_info(c, 1, "").await;
                 match r {
                     Ok(page) => metrics.set_channel_subscribers(c.as_str(), page.subscriber_num),
                     Err(ReadError::Stopped) => return,

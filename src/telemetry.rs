@@ -1,9 +1,18 @@
-//! Tracing setup: JSON lines when stdout is not a terminal (production),
-//! human-readable on a terminal, level from `RUST_LOG` (default `info`).
+//! Telemetry: every metric the service exports has its one home here (names,
+//! help, labels, and the label values pre-created at zero from the domain's
+//! outcome enums), and the tracing setup: JSON lines when stderr is not a
+//! terminal (production), human-readable on a terminal, level from
+//! `RUST_LOG` (default `info`).
 
 use std::io::IsTerminal;
 
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
 use tracing_subscriber::EnvFilter;
+
+use crate::domain::{Api, DeadLetterReason, ItemResult, RejectReason, Source};
 
 /// Installs the global subscriber once; later calls do nothing.
 pub fn init_tracing() {
@@ -18,40 +27,6 @@ pub fn init_tracing() {
     };
 }
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
-};
-
-use crate::tencent::Api;
-
-/// Event sources (`source` label).
-pub const SOURCES: [&str; 2] = ["webhook", "amqp"];
-/// Why an event was refused at the edge (`reason` label).
-pub const REJECT_REASONS: [&str; 8] = [
-    "signature_missing",
-    "signature_mismatch",
-    "timestamp",
-    "malformed",
-    "unknown_type",
-    "too_large",
-    "unsupported_media_type",
-    "unavailable",
-];
-/// Per-item outcomes (`result` label).
-pub const ITEM_RESULTS: [&str; 4] = ["applied", "noop", "retried", "dead_lettered"];
-/// Why an action was dead-lettered (`reason` label).
-pub const DEAD_LETTER_REASONS: [&str; 9] = [
-    "bad_request",
-    "limit",
-    "channel_full",
-    "subscription_limit",
-    "resolution_failed",
-    "item_failed",
-    "unknown_error",
-    "retries_exhausted",
-    "unknown_type",
-];
 /// APIs the service calls (pre-populated label values).
 pub const PIPELINE_APIS: [Api; 7] = [
     Api::DeleteSubscriber,
@@ -241,13 +216,14 @@ impl Metrics {
             broker_connected,
         };
         let types: Vec<&str> = event_types.into_iter().collect();
-        for source in SOURCES {
+        for source in Source::ALL {
+            let s = source.as_str();
             for t in &types {
-                m.events_received.with_label_values(&[source, t]);
+                m.events_received.with_label_values(&[s, t]);
             }
-            m.events_duplicate.with_label_values(&[source]);
-            for reason in REJECT_REASONS {
-                m.events_rejected.with_label_values(&[source, reason]);
+            m.events_duplicate.with_label_values(&[s]);
+            for reason in RejectReason::ALL {
+                m.events_rejected.with_label_values(&[s, reason.as_str()]);
             }
         }
         for api in PIPELINE_APIS {
@@ -256,12 +232,12 @@ impl Metrics {
             m.upstream_duration.with_label_values(&[a]);
             m.batch_items.with_label_values(&[a]);
             m.pending_items.with_label_values(&[a]);
-            for result in ITEM_RESULTS {
-                m.items.with_label_values(&[a, result]);
+            for result in ItemResult::ALL {
+                m.items.with_label_values(&[a, result.as_str()]);
             }
         }
-        for reason in DEAD_LETTER_REASONS {
-            m.dead_letters.with_label_values(&[reason]);
+        for reason in DeadLetterReason::ALL {
+            m.dead_letters.with_label_values(&[reason.as_str()]);
         }
         m
     }
@@ -275,15 +251,15 @@ impl Metrics {
         String::from_utf8(buf).expect("the text format is UTF-8")
     }
 
-    pub fn event_received(&self, source: &str, kind: &str) {
+    pub fn event_received(&self, source: Source, kind: &str) {
         self.events_received
-            .with_label_values(&[source, kind])
+            .with_label_values(&[source.as_str(), kind])
             .inc();
     }
 
-    pub fn event_rejected(&self, source: &str, reason: &str) {
+    pub fn event_rejected(&self, source: Source, reason: RejectReason) {
         self.events_rejected
-            .with_label_values(&[source, reason])
+            .with_label_values(&[source.as_str(), reason.as_str()])
             .inc();
     }
 
@@ -302,10 +278,10 @@ impl Metrics {
         }
     }
 
-    pub fn items(&self, api: Api, result: &str, n: usize) {
+    pub fn items(&self, api: Api, result: ItemResult, n: usize) {
         if n > 0 {
             self.items
-                .with_label_values(&[api.name(), result])
+                .with_label_values(&[api.name(), result.as_str()])
                 .inc_by(n as u64);
         }
     }
@@ -328,14 +304,16 @@ impl Metrics {
         self.settle_seconds.observe(seconds);
     }
 
-    pub fn dead_lettered(&self, reason: &str, n: usize) {
+    pub fn dead_lettered(&self, reason: DeadLetterReason, n: usize) {
         self.dead_letters
-            .with_label_values(&[reason])
+            .with_label_values(&[reason.as_str()])
             .inc_by(n as u64);
     }
 
-    pub fn event_duplicate(&self, source: &str) {
-        self.events_duplicate.with_label_values(&[source]).inc();
+    pub fn event_duplicate(&self, source: Source) {
+        self.events_duplicate
+            .with_label_values(&[source.as_str()])
+            .inc();
     }
 
     pub fn set_broker_connected(&self, up: bool) {

@@ -90,7 +90,8 @@ pub fn settings(upstream: &str, dir: &Path) -> Settings {
     s.tencent.base_url = upstream.to_owned();
     s.tencent.secret_key = SecretString::from(KEY.to_owned());
     s.tencent.admin_identifier = ADMIN.into();
-    s.webhook.secrets = vec![SecretString::from(SECRET.to_owned())];
+    s.webhook.secrets =
+        vec![chat_janitor::domain::WebhookKey::decode(SECRET).expect("valid secret")];
     s.journal.path = dir.to_owned();
     s
 }

@@ -9,11 +9,11 @@ use serde_json::{json, Map, Value};
 
 use super::meter::ItemCounts;
 use super::state::World;
+use crate::domain::CHANNEL_PREFIX;
 use crate::tencent::api::{
     MAX_FOLLOWS_PER_CALL, MAX_FOLLOW_CHECK, MAX_FOLLOW_GET, MAX_SUBSCRIBERS_PER_CALL,
     MAX_SUBSCRIBER_PAGE,
 };
-use crate::tencent::ids::CHANNEL_PREFIX;
 use crate::tencent::Api;
 
 /// Longest UserID the vendor accepts, in bytes.

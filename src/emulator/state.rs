@@ -97,11 +97,7 @@ impl World {
     pub fn generate_channel_id(&mut self) -> String {
         loop {
             self.generated += 1;
-            let id = format!(
-                "{}emu{:06}",
-                crate::tencent::ids::CHANNEL_PREFIX,
-                self.generated
-            );
+            let id = format!("{}emu{:06}", crate::domain::CHANNEL_PREFIX, self.generated);
             if !self.channels.contains_key(&id) {
                 return id;
             }

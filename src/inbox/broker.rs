@@ -25,8 +25,7 @@ use parking_lot::Mutex;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, watch};
 
-use super::journal::DeadLetter;
-use crate::dispatch::DeadLetterSink;
+use crate::domain::{DeadLetter, DeadLetterSink};
 
 /// Deliveries of one message before the quorum queue dead-letters it.
 pub const DELIVERY_LIMIT: i64 = 20;

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
-use crate::rules::Action;
+use crate::domain::clock::{unix_ms, unix_now};
+use crate::domain::DeadLetter;
 
 /// seq -> stored record (see `Record`).
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -74,25 +75,6 @@ pub enum Record {
     },
 }
 
-/// An action that could not be applied, with the event it came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    /// Assigned by the journal.
-    #[serde(default)]
-    pub id: u64,
-    pub event_id: String,
-    pub event_type: String,
-    /// `None`: the event as a whole could not be turned into actions.
-    pub action: Option<Action>,
-    /// Bounded reason (the metric label): bad_request, limit, ...
-    pub reason: String,
-    /// The vendor's ErrorCode and ErrorInfo, or what else went wrong.
-    pub detail: String,
-    pub at_unix: u64,
-    /// The event as accepted.
-    pub event: serde_json::Value,
-}
-
 type AppendReply = oneshot::Sender<Result<Appended, JournalError>>;
 
 enum Cmd {
@@ -123,7 +105,7 @@ struct Inner {
     db: Arc<Database>,
     tx: mpsc::UnboundedSender<Cmd>,
     append_slots: Arc<Semaphore>,
-    /// Wakes the feeder when something new is committed.
+    /// Wakes the intake loop when something new is committed.
     committed: Arc<Notify>,
     pending: Arc<AtomicU64>,
     path: PathBuf,
@@ -137,20 +119,6 @@ impl std::fmt::Debug for Journal {
             .field("path", &self.inner.path)
             .finish()
     }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Journal {

@@ -1,240 +1,123 @@
-//! Where accepted events wait until they settle. Embedded mode: the redb
-//! journal, fed into the pipeline by `feed`.
+//! Where accepted events wait until they settle, behind one trait with two
+//! implementations:
+//! - embedded mode, `journal` (a redb file, fsynced before the 202; see
+//!   `embedded` for its `Inbox`);
+//! - broker mode, `broker` and `consumer` (RabbitMQ: published with
+//!   confirms before the 202, consumed and acked once settled).
+//!
+//! An inbox stores what the webhook edge accepts, hands deliveries to the
+//! one intake loop (see the `intake` module), and settles or dead-letters
+//! each.
 
 pub mod broker;
+pub mod consumer;
+pub mod embedded;
 pub mod journal;
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::DeadLetterSink;
-use crate::event::Event;
-use crate::pipeline::Pipeline;
-use crate::resolve::{PlanError, Planner};
-use crate::rules::Action;
-use crate::settle::EventMeta;
+use crate::domain::{Action, DeadLetter, DeadLetterSink, Source};
 use crate::telemetry::Metrics;
-use broker::{BrokerError, BrokerLink};
-use journal::{unix_now, DeadLetter, Journal, Record};
-use journal::{Appended, JournalError};
+use broker::BrokerError;
+use journal::JournalError;
 
-/// Where the webhook endpoint puts an accepted event.
-#[derive(Clone)]
-pub enum Intake {
-    /// Embedded mode: fsynced to the local journal.
-    Journal(Journal),
-    /// Broker mode: published to RabbitMQ and confirmed.
-    Broker(Arc<BrokerLink>),
+/// What storing an accepted webhook gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Durable now.
+    New,
+    /// This id was accepted before (within the dedupe window).
+    Duplicate,
 }
 
-/// Why an event could not be stored.
+/// Why an inbox could not do what was asked.
 #[derive(Debug, thiserror::Error)]
-pub enum IntakeError {
+pub enum InboxError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// This inbox has no such operation.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
-impl Intake {
-    /// Stores an event durably; `Duplicate` if its id was accepted before.
-    pub async fn accept(
-        &self,
-        id: &str,
-        body: Box<serde_json::value::RawValue>,
-    ) -> Result<Appended, IntakeError> {
-        match self {
-            Intake::Journal(j) => Ok(j.append(id, body).await?),
-            Intake::Broker(b) => Ok(if b.publish_event(id, body.get().as_bytes()).await? {
-                Appended::New(0)
-            } else {
-                Appended::Duplicate
-            }),
-        }
-    }
-
-    /// Why events cannot be accepted and dispatched now, if so.
-    pub fn not_ready(&self) -> Option<String> {
-        match self {
-            Intake::Journal(_) => None,
-            Intake::Broker(b) if !b.is_connected() => Some("broker unreachable".to_owned()),
-            Intake::Broker(_) => None,
-        }
-    }
-
-    pub fn journal(&self) -> Option<&Journal> {
-        match self {
-            Intake::Journal(j) => Some(j),
-            Intake::Broker(_) => None,
-        }
+impl InboxError {
+    /// Storage is only momentarily full: expected under load, not worth an
+    /// error log.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, InboxError::Journal(JournalError::Busy))
     }
 }
 
-impl DeadLetterSink for Journal {
-    fn record(&self, dl: DeadLetter) {
-        self.dead_letter(dl);
-    }
+/// What a delivery holds.
+#[derive(Debug)]
+pub enum Content {
+    /// The event document as accepted.
+    Event(Vec<u8>),
+    /// A dead letter put back to work: its action as it was, or (`None`)
+    /// the whole event planned anew.
+    Replay {
+        event_type: String,
+        event: Vec<u8>,
+        action: Option<Action>,
+    },
 }
 
-/// How long ago `unix_ms` was, as an `Instant` (for settle latency).
-fn instant_of(unix_ms: u64) -> Instant {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let ago = Duration::from_millis(now_ms.saturating_sub(unix_ms));
-    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+/// How a delivery is settled with the inbox it came from.
+pub trait Settle: Send + 'static {
+    /// Every action it produced has settled.
+    fn settled(self: Box<Self>);
+    /// It could not be turned into actions: kept as `dl`, never dropped.
+    fn dead_lettered(self: Box<Self>, dl: DeadLetter);
 }
 
-/// How many events are planned (and resolved upstream, where a rule asks)
-/// at once; they still enter the pipeline in journal order.
-const PLAN_AHEAD: usize = 32;
-
-/// Feeds journal entries, oldest first, into the pipeline (which applies
-/// backpressure), starting with whatever a previous run left unsettled.
-/// Returns when `stop` fires; dropping the pipeline handle then lets the
-/// coalescer flush.
-pub async fn feed(
-    journal: Journal,
-    pipeline: Pipeline,
-    planner: Arc<Planner>,
-    metrics: Metrics,
-    stop: CancellationToken,
-) {
-    let mut cursor = 0u64;
-    loop {
-        metrics.set_journal_events(journal.pending());
-        let entries = tokio::select! {
-            r = journal.read_from(cursor, 256) => r,
-            _ = stop.cancelled() => return,
-        };
-        let entries = match entries {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the journal; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.cancelled() => return,
-                }
-            }
-        };
-        if entries.is_empty() {
-            tokio::select! {
-                _ = journal.committed() => continue,
-                _ = stop.cancelled() => return,
-            }
-        }
-        if let Some((last, _)) = entries.last() {
-            cursor = last + 1;
-        }
-        let planner = &planner;
-        let mut prepared = futures_util::stream::iter(entries)
-            .map(|(seq, record)| async move { (seq, prepare(planner, record).await) })
-            .buffered(PLAN_AHEAD);
-        loop {
-            let next = tokio::select! {
-                n = prepared.next() => n,
-                _ = stop.cancelled() => return,
-            };
-            let Some((seq, (meta, planned, received))) = next else {
-                break;
-            };
-            let actions = match planned {
-                Ok(a) => a,
-                Err(PlanError::Stopped) => return,
-                Err(problem) => {
-                    // Accepted under other rules (the config changed since),
-                    // or its targets could not be resolved: kept as a dead
-                    // letter, never dropped.
-                    let reason = match problem {
-                        PlanError::Resolution { .. } => "resolution_failed",
-                        _ => "unknown_type",
-                    };
-                    tracing::warn!(seq, %problem, "journaled event not turned into actions");
-                    metrics.dead_lettered(reason, 1);
-                    journal.dead_letter(DeadLetter {
-                        id: 0,
-                        event_id: meta.id.clone(),
-                        event_type: meta.kind.clone(),
-                        action: None,
-                        reason: reason.into(),
-                        detail: problem.to_string(),
-                        at_unix: unix_now(),
-                        event: serde_json::from_slice(&meta.body)
-                            .unwrap_or(serde_json::Value::Null),
-                    });
-                    journal.settle(seq);
-                    continue;
-                }
-            };
-            let settle_journal = journal.clone();
-            let on_settled = move || settle_journal.settle(seq);
-            let span = tracing::info_span!("event", id = %meta.id, kind = %meta.kind, seq);
-            if tracing::Instrument::instrument(
-                pipeline.submit(meta, actions, instant_of(received), on_settled),
-                span,
-            )
-            .await
-            .is_err()
-            {
-                return;
-            }
-        }
-    }
+/// An accepted event on its way into the pipeline.
+pub struct Delivery {
+    /// The webhook-id or AMQP message_id.
+    pub id: String,
+    pub source: Source,
+    /// Whether it is counted as received only now (it entered through the
+    /// broker), not already at the webhook edge.
+    pub count_received: bool,
+    pub accepted_at: Instant,
+    pub content: Content,
+    pub receipt: Box<dyn Settle>,
 }
 
-/// The event's meta and actions (or why there are none), and when it was
-/// accepted.
-async fn prepare(
-    planner: &Planner,
-    record: Record,
-) -> (EventMeta, Result<Vec<Action>, PlanError>, u64) {
-    let (id, body, action, received, kind) = match record {
-        Record::Event {
-            id,
-            received_unix_ms,
-            body,
-        } => (
-            id,
-            body.get().as_bytes().to_vec(),
-            None,
-            received_unix_ms,
-            String::new(),
-        ),
-        Record::Replay {
-            received_unix_ms,
-            dead_letter,
-        } => (
-            dead_letter.event_id,
-            serde_json::to_vec(&dead_letter.event).unwrap_or_default(),
-            dead_letter.action,
-            received_unix_ms,
-            dead_letter.event_type,
-        ),
-    };
-    let (kind, planned) = match action {
-        // A replayed action goes as it was.
-        Some(a) => (kind, Ok(vec![a])),
-        None => match Event::parse(&body) {
-            Ok(ev) => {
-                let kind = ev.kind.clone();
-                (kind, planner.plan(ev).await.map(|(_, a)| a))
-            }
-            Err(e) => (
-                kind,
-                Err(PlanError::Rule(crate::rules::RuleError::Field(e))),
-            ),
-        },
-    };
-    let meta = EventMeta {
-        id,
-        kind,
-        source: "webhook",
-        body: Arc::from(body),
-    };
-    (meta, planned, received)
+/// The durable home of accepted events.
+pub trait Inbox: DeadLetterSink + Send + Sync + 'static {
+    /// Stores an accepted webhook durably, or says it has it already.
+    fn store<'a>(
+        &'a self,
+        id: &'a str,
+        body: Box<RawValue>,
+    ) -> BoxFuture<'a, Result<Stored, InboxError>>;
+
+    /// Accepted events, oldest first, starting with whatever a previous
+    /// run left unsettled; ends when `stop` fires. Taken once, by the
+    /// intake loop.
+    fn deliveries(&self, stop: CancellationToken) -> BoxStream<'static, Delivery>;
+
+    /// Dead letters, oldest first, at most `limit`.
+    fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, InboxError>>;
+
+    /// Puts dead letters (all, or the given ids) back to work.
+    fn replay(&self, ids: Option<Vec<u64>>) -> BoxFuture<'_, Result<usize, InboxError>>;
+
+    /// Why events cannot be accepted now, if so.
+    fn not_ready(&self) -> Option<String>;
+
+    /// Brings this inbox's gauges up to date (at each scrape).
+    fn observe(&self, metrics: &Metrics);
+
+    /// Refuses further webhooks (shutdown); deliveries and settles go on.
+    fn close_intake(&self);
+
+    /// After the pipeline drained: makes every settle durable and lets go.
+    fn close(&self) -> BoxFuture<'_, ()>;
 }

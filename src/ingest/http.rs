@@ -1,33 +1,31 @@
-//! The HTTP surface: `POST /v1/events` (Standard Webhooks), `/metrics`,
-//! `/healthz`, `/readyz`, and the admin routes for dead letters.
+//! The public HTTP surface: `POST /v1/events` (Standard Webhooks),
+//! `/metrics`, `/healthz`, `/readyz`; the admin routes are mounted from
+//! `admin`.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use secrecy::SecretString;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
 use super::signature::{SignatureError, Verifier};
 use crate::dispatch::Circuit;
-use crate::event::Event;
-use crate::inbox::journal::{Appended, JournalError};
-use crate::inbox::{Intake, IntakeError};
+use crate::domain::clock::unix_now;
+use crate::domain::{RejectReason, Source};
+use crate::event::{Event, ParseError};
+use crate::inbox::{Inbox, InboxError, Stored};
 use crate::rules::{RuleError, Rules};
 use crate::sweep::Sweeps;
 use crate::telemetry::Metrics;
-use crate::tencent::ChannelId;
 
 /// Everything the handlers share.
 pub struct HttpState {
     pub verifier: Verifier,
     pub rules: Arc<Rules>,
-    pub intake: Intake,
+    pub inbox: Arc<dyn Inbox>,
     pub metrics: Metrics,
     pub circuit: Arc<Circuit>,
     pub body_limit: usize,
@@ -41,17 +39,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
-        .route("/v1/admin/dead-letters", web::get().to(list_dead_letters))
-        .route(
-            "/v1/admin/dead-letters/replay",
-            web::post().to(replay_dead_letters),
-        )
-        .route("/v1/admin/sweeps", web::post().to(start_sweep))
-        .route("/v1/admin/sweeps/{id}", web::get().to(sweep_status));
+        .service(super::admin::scope());
 }
 
 /// An RFC 9457 problem document.
-fn problem(status: StatusCode, title: &str, detail: &str, field: Option<&str>) -> HttpResponse {
+pub(super) fn problem(
+    status: StatusCode,
+    title: &str,
+    detail: &str,
+    field: Option<&str>,
+) -> HttpResponse {
     let mut body = json!({
         "type": "about:blank",
         "title": title,
@@ -66,15 +63,108 @@ fn problem(status: StatusCode, title: &str, detail: &str, field: Option<&str>) -
         .body(body.to_string())
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
+/// Why `POST /v1/events` refused an event: each is one status, one
+/// problem document, one `reason` label.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("the body must be at most {0} bytes")]
+    TooLarge(usize),
+    #[error("the request body could not be read")]
+    Unreadable,
+    #[error("the {0} header is required (Standard Webhooks)")]
+    MissingHeader(&'static str),
+    #[error(transparent)]
+    Signature(SignatureError),
+    #[error("webhook-id must be 1 to 256 printable characters")]
+    InvalidId,
+    #[error("the body must be application/json")]
+    NotJson,
+    #[error(transparent)]
+    Invalid(ParseError),
+    #[error("no rule handles event type {0:?}")]
+    UnknownType(String),
+    #[error("the event could not be stored durably; retry later")]
+    Unavailable,
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+impl WebhookError {
+    pub fn reason(&self) -> RejectReason {
+        match self {
+            WebhookError::TooLarge(_) => RejectReason::TooLarge,
+            WebhookError::Unreadable | WebhookError::InvalidId | WebhookError::Invalid(_) => {
+                RejectReason::Malformed
+            }
+            WebhookError::MissingHeader(_) => RejectReason::SignatureMissing,
+            WebhookError::Signature(e) => e.reason(),
+            WebhookError::NotJson => RejectReason::UnsupportedMediaType,
+            WebhookError::UnknownType(_) => RejectReason::UnknownType,
+            WebhookError::Unavailable => RejectReason::Unavailable,
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            WebhookError::TooLarge(_) => "Body too large",
+            WebhookError::Unreadable => "Unreadable body",
+            WebhookError::MissingHeader(_) => "Missing signature",
+            WebhookError::Signature(_) => "Invalid signature",
+            WebhookError::InvalidId => "Invalid webhook-id",
+            WebhookError::NotJson => "Unsupported media type",
+            WebhookError::Invalid(_) => "Invalid event",
+            WebhookError::UnknownType(_) => "Unknown event type",
+            WebhookError::Unavailable => "Cannot accept now",
+        }
+    }
+
+    /// The request field the problem names, if one.
+    fn field(&self) -> Option<&str> {
+        match self {
+            WebhookError::MissingHeader(h) => Some(h),
+            WebhookError::Signature(SignatureError::NoMatch) => Some("webhook-signature"),
+            WebhookError::Signature(_) => Some("webhook-timestamp"),
+            WebhookError::InvalidId => Some("webhook-id"),
+            WebhookError::NotJson => Some("content-type"),
+            WebhookError::Invalid(p) => Some(&p.field),
+            WebhookError::UnknownType(_) => Some("type"),
+            WebhookError::TooLarge(_) | WebhookError::Unreadable | WebhookError::Unavailable => {
+                None
+            }
+        }
+    }
+}
+
+impl ResponseError for WebhookError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            WebhookError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            WebhookError::Unreadable | WebhookError::InvalidId | WebhookError::Invalid(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            WebhookError::MissingHeader(_) | WebhookError::Signature(_) => StatusCode::UNAUTHORIZED,
+            WebhookError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            WebhookError::UnknownType(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            WebhookError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut r = problem(
+            self.status_code(),
+            self.title(),
+            &self.to_string(),
+            self.field(),
+        );
+        if matches!(self, WebhookError::Unavailable) {
+            // Senders retry 503 and honour Retry-After.
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        }
+        r
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 fn is_json(req: &HttpRequest) -> bool {
@@ -91,17 +181,17 @@ fn is_json(req: &HttpRequest) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Reads at most `limit` bytes; `None` if the body is larger.
-async fn read_limited(mut payload: web::Payload, limit: usize) -> Result<Option<Vec<u8>>, ()> {
+/// Reads at most `limit` bytes.
+async fn read_limited(mut payload: web::Payload, limit: usize) -> Result<Vec<u8>, WebhookError> {
     let mut body = Vec::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|_| ())?;
+        let chunk = chunk.map_err(|_| WebhookError::Unreadable)?;
         if body.len() + chunk.len() > limit {
-            return Ok(None);
+            return Err(WebhookError::TooLarge(limit));
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Some(body))
+    Ok(body)
 }
 
 #[tracing::instrument(skip_all, fields(webhook_id))]
@@ -109,154 +199,68 @@ async fn post_event(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<HttpState>,
-) -> HttpResponse {
-    let m = &state.metrics;
-    let reject = |reason: &str| m.event_rejected("webhook", reason);
-    let too_large = || {
-        reject("too_large");
-        problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Body too large",
-            &format!("the body must be at most {} bytes", state.body_limit),
-            None,
-        )
-    };
+) -> Result<HttpResponse, WebhookError> {
+    let answer = accept(&req, payload, &state).await;
+    if let Err(e) = &answer {
+        state.metrics.event_rejected(Source::Webhook, e.reason());
+    }
+    answer
+}
+
+async fn accept(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &HttpState,
+) -> Result<HttpResponse, WebhookError> {
     let declared = header(req.headers(), "content-length").and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > state.body_limit) {
-        return too_large();
+        return Err(WebhookError::TooLarge(state.body_limit));
     }
-    let body = match read_limited(payload, state.body_limit).await {
-        Ok(Some(b)) => b,
-        Ok(None) => return too_large(),
-        Err(()) => {
-            reject("malformed");
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Unreadable body",
-                "the request body could not be read",
-                None,
-            );
-        }
-    };
+    let body = read_limited(payload, state.body_limit).await?;
 
     let headers = req.headers();
-    let (Some(id), Some(ts), Some(sig)) = (
-        header(headers, "webhook-id"),
-        header(headers, "webhook-timestamp"),
-        header(headers, "webhook-signature"),
-    ) else {
-        let missing = ["webhook-id", "webhook-timestamp", "webhook-signature"]
-            .into_iter()
-            .find(|h| header(headers, h).is_none())
-            .unwrap_or("webhook-signature");
-        reject(SignatureError::MissingHeader("").reason());
-        return problem(
-            StatusCode::UNAUTHORIZED,
-            "Missing signature",
-            &format!("the {missing} header is required (Standard Webhooks)"),
-            Some(missing),
-        );
-    };
+    let [id, ts, sig] = ["webhook-id", "webhook-timestamp", "webhook-signature"]
+        .map(|name| header(headers, name).ok_or(WebhookError::MissingHeader(name)));
+    let (id, ts, sig) = (id?, ts?, sig?);
     tracing::Span::current().record("webhook_id", id);
-    if let Err(e) = state.verifier.verify(id, ts, sig, &body, unix_now()) {
-        reject(e.reason());
-        let field = match e {
-            SignatureError::NoMatch => "webhook-signature",
-            _ => "webhook-timestamp",
-        };
-        return problem(
-            StatusCode::UNAUTHORIZED,
-            "Invalid signature",
-            &e.to_string(),
-            Some(field),
-        );
-    }
+    let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+    state
+        .verifier
+        .verify(id, ts, sig, &body, now)
+        .map_err(WebhookError::Signature)?;
     if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
-        reject("malformed");
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "Invalid webhook-id",
-            "webhook-id must be 1 to 256 printable characters",
-            Some("webhook-id"),
-        );
+        return Err(WebhookError::InvalidId);
     }
-    if !is_json(&req) {
-        reject("unsupported_media_type");
-        return problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Unsupported media type",
-            "the body must be application/json",
-            Some("content-type"),
-        );
+    if !is_json(req) {
+        return Err(WebhookError::NotJson);
     }
-    let event = match Event::parse(&body) {
-        Ok(e) => e,
-        Err(e) => {
-            reject("malformed");
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Invalid event",
-                &e.to_string(),
-                Some(&e.field),
-            );
-        }
-    };
-    if let Err(e) = state.rules.validate(&event) {
-        return match e {
-            RuleError::UnknownType(t) => {
-                reject("unknown_type");
-                problem(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Unknown event type",
-                    &format!("no rule handles event type {t:?}"),
-                    Some("type"),
-                )
-            }
-            RuleError::Field(p) => {
-                reject("malformed");
-                problem(
-                    StatusCode::BAD_REQUEST,
-                    "Invalid event",
-                    &p.to_string(),
-                    Some(&p.field),
-                )
-            }
-        };
-    }
+    let event = Event::parse(&body).map_err(WebhookError::Invalid)?;
+    state.rules.validate(&event).map_err(|e| match e {
+        RuleError::UnknownType(t) => WebhookError::UnknownType(t),
+        RuleError::Field(p) => WebhookError::Invalid(p),
+    })?;
     let compact = serde_json::value::to_raw_value(&event).expect("an Event always serializes");
-    match state.intake.accept(id, compact).await {
-        Ok(Appended::New(_)) => {
-            m.event_received("webhook", &event.kind);
+    match state.inbox.store(id, compact).await {
+        Ok(Stored::New) => {
+            state.metrics.event_received(Source::Webhook, &event.kind);
             tracing::debug!(kind = %event.kind, "event accepted");
-            HttpResponse::Accepted().json(json!({"status": "accepted", "id": id}))
+            Ok(HttpResponse::Accepted().json(json!({"status": "accepted", "id": id})))
         }
-        Ok(Appended::Duplicate) => {
-            m.event_duplicate("webhook");
-            HttpResponse::Ok().json(json!({"status": "duplicate", "id": id}))
+        Ok(Stored::Duplicate) => {
+            state.metrics.event_duplicate(Source::Webhook);
+            Ok(HttpResponse::Ok().json(json!({"status": "duplicate", "id": id})))
         }
         Err(e) => {
-            reject("unavailable");
-            if !matches!(e, IntakeError::Journal(JournalError::Busy)) {
+            if !e.is_busy() {
                 tracing::error!(error = %e, "cannot store an event");
             }
-            let mut r = problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Cannot accept now",
-                "the event could not be stored durably; retry later",
-                None,
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-            r
+            Err(WebhookError::Unavailable)
         }
     }
 }
 
 async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
-    match &state.intake {
-        Intake::Journal(j) => state.metrics.set_journal_events(j.pending()),
-        Intake::Broker(b) => state.metrics.set_broker_connected(b.is_connected()),
-    }
+    state.inbox.observe(&state.metrics);
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())
@@ -268,7 +272,7 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
     let mut reasons = Vec::new();
-    if let Some(r) = state.intake.not_ready() {
+    if let Some(r) = state.inbox.not_ready() {
         reasons.push(r);
     }
     if let Some(r) = state.circuit.open_reason() {
@@ -284,185 +288,19 @@ async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
     }
 }
 
-/// An admin route's JSON body, or the 400 problem naming what is wrong
-/// (returned at once as the answer, so its size does not matter).
-#[allow(clippy::result_large_err)]
-fn json_body<T: serde::de::DeserializeOwned>(
-    body: &[u8],
-    title: &str,
-    field: Option<&str>,
-) -> Result<T, HttpResponse> {
-    serde_json::from_slice(body)
-        .map_err(|e| problem(StatusCode::BAD_REQUEST, title, &e.to_string(), field))
-}
-
-/// `Some(response)` when the request may not use the admin routes.
-fn admin_denied(req: &HttpRequest, token: &SecretString) -> Option<HttpResponse> {
-    let want = token.expose_secret();
-    if want.is_empty() {
-        return Some(problem(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            "admin routes are off ([admin] token is empty)",
-            None,
-        ));
-    }
-    let given = header(req.headers(), "authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if bool::from(given.as_bytes().ct_eq(want.as_bytes())) {
-        None
-    } else {
-        Some(problem(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "a valid bearer token is required",
-            Some("authorization"),
-        ))
-    }
-}
-
-#[derive(Debug, Deserialize)]
-struct ListQuery {
-    limit: Option<usize>,
-}
-
-async fn list_dead_letters(
-    req: HttpRequest,
-    q: web::Query<ListQuery>,
-    state: web::Data<HttpState>,
-) -> HttpResponse {
-    if let Some(denied) = admin_denied(&req, &state.admin_token) {
-        return denied;
-    }
-    let Some(journal) = state.intake.journal() else {
-        return broker_dead_letters();
-    };
-    match journal
-        .dead_letters(q.limit.unwrap_or(1000).min(100_000))
-        .await
-    {
-        Ok(list) => HttpResponse::Ok().json(json!({"dead_letters": list})),
-        Err(e) => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Journal unavailable",
-            &e.to_string(),
+/// Maps an inbox failure on an admin route to its answer.
+pub(super) fn inbox_problem(e: &InboxError) -> HttpResponse {
+    match e {
+        InboxError::Unsupported(detail) => problem(
+            StatusCode::NOT_IMPLEMENTED,
+            "Not available in this mode",
+            detail,
             None,
         ),
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ReplayBody {
-    ids: Option<Vec<u64>>,
-}
-
-async fn replay_dead_letters(
-    req: HttpRequest,
-    body: web::Bytes,
-    state: web::Data<HttpState>,
-) -> HttpResponse {
-    if let Some(denied) = admin_denied(&req, &state.admin_token) {
-        return denied;
-    }
-    let parsed: ReplayBody = if body.is_empty() {
-        ReplayBody::default()
-    } else {
-        match json_body(&body, "Invalid body", Some("ids")) {
-            Ok(b) => b,
-            Err(r) => return r,
-        }
-    };
-    let Some(journal) = state.intake.journal() else {
-        return broker_dead_letters();
-    };
-    match journal.replay_dead_letters(parsed.ids).await {
-        Ok(n) => HttpResponse::Accepted().json(json!({"replayed": n})),
-        Err(e) => problem(
+        other => problem(
             StatusCode::SERVICE_UNAVAILABLE,
-            "Journal unavailable",
-            &e.to_string(),
-            None,
-        ),
-    }
-}
-
-/// In broker mode dead letters are messages in `<queue>.dead`.
-fn broker_dead_letters() -> HttpResponse {
-    problem(
-        StatusCode::NOT_IMPLEMENTED,
-        "Dead letters are on the broker",
-        "in broker mode dead letters are messages in the queue <amqp.queue>.dead; read or move them with RabbitMQ's tools",
-        None,
-    )
-}
-
-#[derive(Debug, Deserialize)]
-struct SweepRequest {
-    channel: String,
-    #[serde(default)]
-    deny: Vec<String>,
-    #[serde(default)]
-    dry_run: bool,
-}
-
-async fn start_sweep(
-    req: HttpRequest,
-    body: web::Bytes,
-    state: web::Data<HttpState>,
-) -> HttpResponse {
-    if let Some(denied) = admin_denied(&req, &state.admin_token) {
-        return denied;
-    }
-    let r: SweepRequest = match json_body(&body, "Invalid sweep", None) {
-        Ok(r) => r,
-        Err(resp) => return resp,
-    };
-    let channel = match ChannelId::parse(r.channel) {
-        Ok(c) => c,
-        Err(e) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Invalid sweep",
-                &format!("channel: {e}"),
-                Some("channel"),
-            );
-        }
-    };
-    let deny = r
-        .deny
-        .into_iter()
-        .map(|d| d.trim().to_owned())
-        .filter(|d| !d.is_empty())
-        .collect();
-    match state.sweeps.start(channel, deny, r.dry_run) {
-        Some(id) => HttpResponse::Accepted().json(json!({
-            "id": id,
-            "status": format!("/v1/admin/sweeps/{id}"),
-        })),
-        None => problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Shutting down",
-            "no new sweeps while shutting down",
-            None,
-        ),
-    }
-}
-
-async fn sweep_status(
-    req: HttpRequest,
-    id: web::Path<u64>,
-    state: web::Data<HttpState>,
-) -> HttpResponse {
-    if let Some(denied) = admin_denied(&req, &state.admin_token) {
-        return denied;
-    }
-    match state.sweeps.status(id.into_inner()) {
-        Some(s) => HttpResponse::Ok().json(s),
-        None => problem(
-            StatusCode::NOT_FOUND,
-            "No such sweep",
-            "unknown sweep id (finished sweeps are kept for a while)",
+            "Inbox unavailable",
+            &other.to_string(),
             None,
         ),
     }

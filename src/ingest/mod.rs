@@ -1,5 +1,7 @@
-//! Where events enter: signed webhooks over HTTP.
+//! The HTTP surface: signed webhooks (`http`, verified by `signature`), the
+//! probes and metrics, and the admin routes (`admin`). Broker deliveries
+//! enter through `crate::inbox::consumer`.
 
-pub mod amqp;
+pub mod admin;
 pub mod http;
 pub mod signature;

@@ -7,6 +7,8 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::domain::{RejectReason, WebhookKey};
+
 type HmacSha256 = Hmac<Sha256>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -24,14 +26,14 @@ pub enum SignatureError {
 }
 
 impl SignatureError {
-    /// Bounded label for `chat_janitor_events_rejected_total{reason}`.
-    pub fn reason(self) -> &'static str {
+    /// The `reason` label of `chat_janitor_events_rejected_total`.
+    pub fn reason(self) -> RejectReason {
         match self {
-            SignatureError::MissingHeader(_) => "signature_missing",
+            SignatureError::MissingHeader(_) => RejectReason::SignatureMissing,
             SignatureError::BadTimestamp | SignatureError::TooOld | SignatureError::TooNew => {
-                "timestamp"
+                RejectReason::Timestamp
             }
-            SignatureError::NoMatch => "signature_mismatch",
+            SignatureError::NoMatch => RejectReason::SignatureMismatch,
         }
     }
 }
@@ -57,7 +59,7 @@ pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
 /// Verifies webhooks against a set of decoded secrets.
 #[derive(Clone)]
 pub struct Verifier {
-    keys: Vec<Vec<u8>>,
+    keys: Vec<WebhookKey>,
     tolerance_seconds: i64,
 }
 
@@ -71,7 +73,7 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    pub fn new(keys: Vec<Vec<u8>>, tolerance_seconds: u64) -> Self {
+    pub fn new(keys: Vec<WebhookKey>, tolerance_seconds: u64) -> Self {
         Verifier {
             keys,
             tolerance_seconds: i64::try_from(tolerance_seconds).unwrap_or(i64::MAX),
@@ -104,7 +106,7 @@ impl Verifier {
             .filter_map(|b64| STANDARD.decode(b64).ok())
             .collect();
         for key in &self.keys {
-            let expected = mac(key, id, timestamp, body);
+            let expected = mac(key.as_bytes(), id, timestamp, body);
             for c in &candidates {
                 // verify_slice compares in constant time.
                 if expected.clone().verify_slice(c).is_ok() {
@@ -119,7 +121,6 @@ impl Verifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::decode_webhook_secret;
 
     const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
     const ID: &str = "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk";
@@ -128,20 +129,23 @@ mod tests {
     const SIG: &str = "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=";
 
     fn verifier() -> Verifier {
-        Verifier::new(vec![decode_webhook_secret(SECRET).unwrap()], 300)
+        Verifier::new(vec![WebhookKey::decode(SECRET).unwrap()], 300)
     }
 
     #[test]
     fn reference_vector() {
-        let key = decode_webhook_secret(SECRET).unwrap();
-        assert_eq!(sign(&key, ID, TS, BODY), SIG);
+        let key = WebhookKey::decode(SECRET).unwrap();
+        assert_eq!(sign(key.as_bytes(), ID, TS, BODY), SIG);
         assert_eq!(verifier().verify(ID, TS, SIG, BODY, 1_649_367_553), Ok(()));
     }
 
     #[test]
     fn list_with_other_versions_and_rotation() {
         let v = Verifier::new(
-            vec![vec![7u8; 32], decode_webhook_secret(SECRET).unwrap()],
+            vec![
+                WebhookKey::from_bytes(vec![7u8; 32]),
+                WebhookKey::decode(SECRET).unwrap(),
+            ],
             300,
         );
         let header = format!("v1a,AAAA v1,bm9wZQ== {SIG}");
@@ -193,7 +197,7 @@ mod properties {
             body in proptest::collection::vec(any::<u8>(), 0..1024),
             now in any::<i64>(),
         ) {
-            let v = Verifier::new(vec![vec![1u8; 24]], 300);
+            let v = Verifier::new(vec![WebhookKey::from_bytes(vec![1u8; 24])], 300);
             let _ = v.verify(&id, &ts, &sig, &body, now);
         }
 
@@ -201,7 +205,7 @@ mod properties {
         fn what_we_sign_verifies(id in "[a-z0-9_]{1,32}", body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let key = vec![9u8; 32];
             let ts = "1700000000";
-            let v = Verifier::new(vec![key.clone()], 300);
+            let v = Verifier::new(vec![WebhookKey::from_bytes(key.clone())], 300);
             prop_assert_eq!(v.verify(&id, ts, &sign(&key, &id, ts, &body), &body, 1_700_000_000), Ok(()));
         }
     }

@@ -1,59 +1,13 @@
 //! The upstream endpoints we call, their paths and the limits the vendor sets.
 
-use std::fmt;
-
-/// One Tencent Cloud Chat REST endpoint. The vendor rate-limits each of these
-/// separately (200 calls/s), so this is also the key of our limiters and the
-/// `api` label of our metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Api {
-    DeleteSubscriber,
-    AddSubscriber,
-    DestroyOfficialAccount,
-    GetSubscriberInfo,
-    FollowDelete,
-    FollowAdd,
-    FollowGet,
-    FollowCheck,
-    GetSubscribedOfficialAccountList,
-    CreateOfficialAccount,
-}
+pub use crate::domain::Api;
 
 impl Api {
-    pub const ALL: [Api; 10] = [
-        Api::DeleteSubscriber,
-        Api::AddSubscriber,
-        Api::DestroyOfficialAccount,
-        Api::GetSubscriberInfo,
-        Api::FollowDelete,
-        Api::FollowAdd,
-        Api::FollowGet,
-        Api::FollowCheck,
-        Api::GetSubscribedOfficialAccountList,
-        Api::CreateOfficialAccount,
-    ];
-
     /// The service segment of the URL.
     pub fn service(self) -> &'static str {
         match self {
             Api::FollowDelete | Api::FollowAdd | Api::FollowGet | Api::FollowCheck => "follow",
             _ => "official_account_open_http_svc",
-        }
-    }
-
-    /// The command segment of the URL; also the metric label.
-    pub fn name(self) -> &'static str {
-        match self {
-            Api::DeleteSubscriber => "delete_subscriber",
-            Api::AddSubscriber => "add_subscriber",
-            Api::DestroyOfficialAccount => "destroy_official_account",
-            Api::GetSubscriberInfo => "get_subscriber_info",
-            Api::FollowDelete => "follow_delete",
-            Api::FollowAdd => "follow_add",
-            Api::FollowGet => "follow_get",
-            Api::FollowCheck => "follow_check",
-            Api::GetSubscribedOfficialAccountList => "get_subscribed_official_account_list",
-            Api::CreateOfficialAccount => "create_official_account",
         }
     }
 
@@ -67,12 +21,6 @@ impl Api {
         Api::ALL
             .into_iter()
             .find(|a| a.service() == service && a.name() == command)
-    }
-}
-
-impl fmt::Display for Api {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 

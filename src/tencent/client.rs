@@ -2,7 +2,7 @@
 //! renewed well before it expires, a fresh `random` per request, and every
 //! failure turned into an `ApiError` whose class drives what happens next.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use secrecy::{ExposeSecret, SecretString};
@@ -10,11 +10,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::api::{Api, MAX_FOLLOW_CHECK, MAX_FOLLOW_GET, MAX_SUBSCRIBER_PAGE};
+use super::batch::{FollowBatch, SubscriberBatch};
 use super::error::ApiError;
-use super::ids::{ChannelId, FollowBatch, SubscriberBatch, UserId};
 use super::types::*;
 use super::usersig;
-use crate::config::TencentSettings;
+use crate::domain::clock::unix_now;
+use crate::domain::{ChannelId, UserId};
 
 /// Lifetime of the admin UserSig we issue ourselves.
 const USERSIG_LIFETIME: u64 = 7 * 24 * 3600;
@@ -31,18 +32,6 @@ pub struct ClientOptions {
     pub secret_key: SecretString,
     pub admin_identifier: String,
     pub timeout: Duration,
-}
-
-impl ClientOptions {
-    pub fn from_settings(t: &TencentSettings) -> Self {
-        ClientOptions {
-            base_url: t.endpoint(),
-            sdkappid: t.sdkappid,
-            secret_key: t.secret_key.clone(),
-            admin_identifier: t.admin_identifier.clone(),
-            timeout: Duration::from_millis(t.timeout_ms),
-        }
-    }
 }
 
 struct CachedSig {
@@ -65,13 +54,6 @@ impl std::fmt::Debug for TencentClient {
             .field("admin", &self.opts.admin_identifier)
             .finish_non_exhaustive()
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The outcome of one account in a batch call, in our terms.

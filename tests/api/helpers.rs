@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use chat_janitor::domain::{ChannelId, UserId, WebhookKey};
 use chat_janitor::emulator::{Emulator, EmulatorConfig, RunningEmulator};
-use chat_janitor::tencent::{ChannelId, ClientOptions, TencentClient, UserId};
+use chat_janitor::tencent::{ClientOptions, TencentClient};
 use secrecy::SecretString;
 
 pub const SDKAPPID: u64 = 1_400_000_000;
@@ -87,8 +88,8 @@ pub fn test_settings(upstream_url: &str, dir: &Path) -> Settings {
     s.tencent.secret_key = SecretString::from(KEY.to_owned());
     s.tencent.admin_identifier = ADMIN.into();
     s.webhook.secrets = vec![
-        SecretString::from(SECRET.to_owned()),
-        SecretString::from(ROTATED_SECRET.to_owned()),
+        WebhookKey::decode(SECRET).expect("valid secret"),
+        WebhookKey::decode(ROTATED_SECRET).expect("valid secret"),
     ];
     s.journal.path = dir.to_owned();
     s.dispatch.retry_base_ms = 5;

@@ -488,3 +488,48 @@ async fn batches_keep_filling_while_the_limiter_holds_their_api() {
     );
     app.stop().await;
 }
+
+/// A journal entry that no longer parses (written by an older version, or
+/// accepted under another schema) goes through the same intake loop as a
+/// broker message that does not parse: labelled `malformed`, kept as a
+/// dead letter, never dropped, and the entries after it proceed.
+#[tokio::test]
+async fn an_unparseable_journal_entry_is_dead_lettered_as_malformed() {
+    let up = TestUpstream::start().await;
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new("@TOA#_jm", ["j1"])],
+        ..Seed::default()
+    });
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.batching.linger_ms = 10;
+    let app = TestApp::spawn(settings).await;
+    let journal = app.journal.clone().expect("embedded mode");
+    let bad = serde_json::value::to_raw_value(&json!({"type": "user.banned", "data": {}})).unwrap();
+    journal.append("jm-bad", bad).await.unwrap();
+    let r = app
+        .post_event(
+            "jm-good",
+            "user.banned",
+            json!({"user_id": "j1", "channels": ["@TOA#_jm"]}),
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    eventually(10, "the good event applied", || async {
+        up.emulator.subscribers("@TOA#_jm").unwrap().is_empty()
+    })
+    .await;
+    eventually(10, "the bad one dead-lettered", || async {
+        app.dead_letters().await.len() == 1
+    })
+    .await;
+    let dl = &app.dead_letters().await[0];
+    assert_eq!(dl["reason"], "malformed");
+    assert_eq!(dl["event_id"], "jm-bad");
+    assert_eq!(
+        app.metric("chat_janitor_events_rejected_total{reason=\"malformed\",source=\"webhook\"}")
+            .await,
+        1.0
+    );
+    app.stop().await;
+}

@@ -1,0 +1,66 @@
+//! The per-API gate every attempt passes, retries too: a GCRA limiter that
+//! never lets a one-second window hold more than `requests_per_second`
+//! calls, a cap on calls in flight, and a pause after a 60007-class answer.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long a 60007-class answer pauses its API.
+const RATE_LIMIT_PAUSE: Duration = Duration::from_secs(1);
+
+/// The per-API gate every attempt passes.
+pub(super) struct Gate {
+    limiter: DefaultDirectRateLimiter,
+    in_flight: Semaphore,
+    paused_until: Mutex<Instant>,
+}
+
+impl Gate {
+    pub(super) fn new(rps: u32, max_in_flight: usize) -> Gate {
+        // A small burst, and the rest spread evenly, so that no 1-second
+        // window ever holds more than `rps` calls: burst + (rps - burst).
+        let burst = (rps / 50).max(1);
+        let steady = rps.saturating_sub(burst).max(1);
+        let period = Duration::from_secs_f64(1.0 / f64::from(steady));
+        let quota = Quota::with_period(period)
+            .expect("non-zero period")
+            .allow_burst(NonZeroU32::new(burst).expect("burst >= 1"));
+        Gate {
+            limiter: RateLimiter::direct(quota),
+            in_flight: Semaphore::new(max_in_flight),
+            paused_until: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub(super) async fn enter(&self, stop: &CancellationToken) -> Option<SemaphorePermit<'_>> {
+        let permit = tokio::select! {
+            p = self.in_flight.acquire() => p.ok()?,
+            _ = stop.cancelled() => return None,
+        };
+        loop {
+            let until = *self.paused_until.lock();
+            if until <= Instant::now() {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => {}
+                _ = stop.cancelled() => return None,
+            }
+        }
+        tokio::select! {
+            _ = self.limiter.until_ready() => Some(permit),
+            _ = stop.cancelled() => None,
+        }
+    }
+
+    pub(super) fn pause(&self) {
+        let mut p = self.paused_until.lock();
+        *p = (*p).max(Instant::now() + RATE_LIMIT_PAUSE);
+    }
+}

@@ -1,0 +1,18 @@
+//! The vocabulary every stage shares, and that depends on no stage:
+//! identifiers, the upstream operations, actions, dead letters, the bounded
+//! outcome labels and the clock.
+
+pub mod action;
+pub mod api;
+pub mod clock;
+pub mod dead_letter;
+pub mod ids;
+pub mod outcome;
+pub mod webhook_key;
+
+pub use action::Action;
+pub use api::Api;
+pub use dead_letter::{DeadLetter, DeadLetterSink};
+pub use ids::{ChannelId, IdError, UserId, CHANNEL_PREFIX};
+pub use outcome::{DeadLetterReason, ItemResult, RejectReason, Source};
+pub use webhook_key::WebhookKey;

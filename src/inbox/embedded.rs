@@ -1,0 +1,185 @@
+//! Embedded mode's `Inbox`: the journal. Deliveries are its entries read in
+//! order (woken by each commit); settling removes an entry in a later group
+//! commit; a dead letter is stored in the journal with the event.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use super::journal::{Appended, Journal, Record};
+use super::{Content, Delivery, Inbox, InboxError, Settle, Stored};
+use crate::domain::clock::instant_of;
+use crate::domain::{DeadLetter, DeadLetterSink, Source};
+use crate::telemetry::Metrics;
+
+/// Entries read from the journal at a time.
+const READ_AHEAD: usize = 256;
+
+impl DeadLetterSink for Journal {
+    fn record(&self, dl: DeadLetter) {
+        self.dead_letter(dl);
+    }
+}
+
+/// A journal entry's settle handle.
+struct Entry {
+    journal: Journal,
+    seq: u64,
+}
+
+impl Settle for Entry {
+    fn settled(self: Box<Self>) {
+        self.journal.settle(self.seq);
+    }
+
+    fn dead_lettered(self: Box<Self>, dl: DeadLetter) {
+        // Ordered before the settle by the journal's single writer.
+        self.journal.dead_letter(dl);
+        self.journal.settle(self.seq);
+    }
+}
+
+fn delivery(journal: &Journal, seq: u64, record: Record) -> Delivery {
+    let (id, received, content) = match record {
+        Record::Event {
+            id,
+            received_unix_ms,
+            body,
+        } => (
+            id,
+            received_unix_ms,
+            Content::Event(body.get().as_bytes().to_vec()),
+        ),
+        Record::Replay {
+            received_unix_ms,
+            dead_letter,
+        } => (
+            dead_letter.event_id,
+            received_unix_ms,
+            Content::Replay {
+                event_type: dead_letter.event_type,
+                event: serde_json::to_vec(&dead_letter.event).unwrap_or_default(),
+                action: dead_letter.action,
+            },
+        ),
+    };
+    Delivery {
+        id,
+        source: Source::Webhook,
+        count_received: false,
+        accepted_at: instant_of(received),
+        content,
+        receipt: Box::new(Entry {
+            journal: journal.clone(),
+            seq,
+        }),
+    }
+}
+
+/// Where the reader is: the next seq to read, and entries read but not yet
+/// handed on.
+struct Reader {
+    journal: Journal,
+    cursor: u64,
+    buffer: VecDeque<(u64, Record)>,
+    stop: CancellationToken,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Option<Delivery> {
+        loop {
+            if let Some((seq, record)) = self.buffer.pop_front() {
+                return Some(delivery(&self.journal, seq, record));
+            }
+            let read = tokio::select! {
+                r = self.journal.read_from(self.cursor, READ_AHEAD) => r,
+                _ = self.stop.cancelled() => return None,
+            };
+            match read {
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the journal; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.stop.cancelled() => return None,
+                    }
+                }
+                Ok(entries) if entries.is_empty() => {
+                    tokio::select! {
+                        _ = self.journal.committed() => {}
+                        _ = self.stop.cancelled() => return None,
+                    }
+                }
+                Ok(entries) => {
+                    if let Some((last, _)) = entries.last() {
+                        self.cursor = last + 1;
+                    }
+                    self.buffer.extend(entries);
+                }
+            }
+        }
+    }
+}
+
+impl Inbox for Journal {
+    fn store<'a>(
+        &'a self,
+        id: &'a str,
+        body: Box<RawValue>,
+    ) -> BoxFuture<'a, Result<Stored, InboxError>> {
+        async move {
+            Ok(match self.append(id, body).await? {
+                Appended::New(_) => Stored::New,
+                Appended::Duplicate => Stored::Duplicate,
+            })
+        }
+        .boxed()
+    }
+
+    fn deliveries(&self, stop: CancellationToken) -> BoxStream<'static, Delivery> {
+        let reader = Reader {
+            journal: self.clone(),
+            cursor: 0,
+            buffer: VecDeque::new(),
+            stop,
+        };
+        futures_util::stream::unfold(reader, |mut r| async move {
+            let d = r.next().await?;
+            Some((d, r))
+        })
+        .boxed()
+    }
+
+    fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, InboxError>> {
+        async move { Ok(Journal::dead_letters(self, limit).await?) }.boxed()
+    }
+
+    fn replay(&self, ids: Option<Vec<u64>>) -> BoxFuture<'_, Result<usize, InboxError>> {
+        async move { Ok(self.replay_dead_letters(ids).await?) }.boxed()
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
+
+    fn observe(&self, metrics: &Metrics) {
+        metrics.set_journal_events(self.pending());
+    }
+
+    fn close_intake(&self) {
+        Journal::close_intake(self);
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            if let Err(e) = self.sync().await {
+                tracing::warn!(error = %e, "journal not synced at shutdown");
+            }
+        }
+        .boxed()
+    }
+}

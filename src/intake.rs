@@ -1,0 +1,167 @@
+//! The one intake loop, for both modes: takes deliveries from the inbox in
+//! order, plans a few ahead (parsing, rules, and upstream resolution where a
+//! rule asks), and submits each event's actions to the pipeline, which
+//! applies backpressure. An event that cannot be planned is dead-lettered
+//! through its inbox, never dropped. When `stop` fires the loop returns,
+//! and dropping its pipeline handle lets the coalescer flush.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{Action, DeadLetter, DeadLetterReason, RejectReason};
+use crate::event::Event;
+use crate::inbox::{Content, Delivery, Inbox};
+use crate::pipeline::Pipeline;
+use crate::resolve::{PlanError, Planner};
+use crate::rules::RuleError;
+use crate::settle::EventMeta;
+use crate::telemetry::Metrics;
+
+/// How many events are planned (and resolved upstream, where a rule asks)
+/// at once; they still enter the pipeline in delivery order.
+const PLAN_AHEAD: usize = 32;
+
+/// An event's type and actions.
+struct Plan {
+    kind: String,
+    actions: Vec<Action>,
+}
+
+/// Why an event has no actions.
+struct Unplanned {
+    kind: String,
+    reason: DeadLetterReason,
+    detail: String,
+}
+
+/// Runs until `stop` fires or the inbox ends.
+pub async fn run(
+    inbox: Arc<dyn Inbox>,
+    pipeline: Pipeline,
+    planner: Arc<Planner>,
+    metrics: Metrics,
+    stop: CancellationToken,
+) {
+    let planner = &planner;
+    let mut prepared = inbox
+        .deliveries(stop.clone())
+        .map(|d| async move {
+            let plan = plan(planner, &d.content).await;
+            (d, plan)
+        })
+        .buffered(PLAN_AHEAD);
+    loop {
+        let next = tokio::select! {
+            n = prepared.next() => n,
+            _ = stop.cancelled() => return,
+        };
+        let Some((delivery, plan)) = next else {
+            return;
+        };
+        let plan = match plan {
+            Ok(p) => p,
+            // Shutting down mid-resolution: not settled, so it comes back.
+            Err(None) => return,
+            Err(Some(u)) => {
+                dead_letter(&metrics, delivery, u);
+                continue;
+            }
+        };
+        if delivery.count_received {
+            metrics.event_received(delivery.source, &plan.kind);
+        }
+        let span = tracing::info_span!("event", id = %delivery.id, kind = %plan.kind, source = %delivery.source);
+        let receipt = delivery.receipt;
+        let meta = EventMeta {
+            id: delivery.id,
+            kind: plan.kind,
+            body: Arc::from(body_of(delivery.content)),
+        };
+        let submit = tracing::Instrument::instrument(
+            pipeline.submit(meta, plan.actions, delivery.accepted_at, move || {
+                receipt.settled()
+            }),
+            span,
+        );
+        let submitted = tokio::select! {
+            r = submit => r.is_ok(),
+            _ = stop.cancelled() => false,
+        };
+        if !submitted {
+            return;
+        }
+    }
+}
+
+/// An event that cannot be planned: counted (a producer's malformed or
+/// unknown event as rejected at intake, a failed resolution as a dead
+/// letter) and kept as a dead letter by its inbox.
+fn dead_letter(metrics: &Metrics, delivery: Delivery, u: Unplanned) {
+    match u.reason {
+        DeadLetterReason::Malformed => {
+            metrics.event_rejected(delivery.source, RejectReason::Malformed)
+        }
+        DeadLetterReason::UnknownType => {
+            metrics.event_rejected(delivery.source, RejectReason::UnknownType)
+        }
+        other => metrics.dead_lettered(other, 1),
+    }
+    tracing::warn!(id = %delivery.id, reason = %u.reason, detail = %u.detail, "event not turned into actions");
+    let body = body_of(delivery.content);
+    let dl = DeadLetter::new(&delivery.id, &u.kind, &body, None, u.reason, u.detail);
+    delivery.receipt.dead_lettered(dl);
+}
+
+/// The event document a delivery carries.
+fn body_of(content: Content) -> Vec<u8> {
+    match content {
+        Content::Event(body) | Content::Replay { event: body, .. } => body,
+    }
+}
+
+/// The delivery's plan; `Err(None)` when stopped.
+async fn plan(planner: &Planner, content: &Content) -> Result<Plan, Option<Unplanned>> {
+    let (kind, body) = match content {
+        // A replayed action goes as it was.
+        Content::Replay {
+            event_type,
+            action: Some(a),
+            ..
+        } => {
+            return Ok(Plan {
+                kind: event_type.clone(),
+                actions: vec![a.clone()],
+            })
+        }
+        Content::Replay {
+            event_type, event, ..
+        } => (event_type.as_str(), event),
+        Content::Event(body) => ("", body),
+    };
+    let event = Event::parse(body).map_err(|e| {
+        Some(Unplanned {
+            kind: kind.to_owned(),
+            reason: DeadLetterReason::Malformed,
+            detail: e.to_string(),
+        })
+    })?;
+    let kind = event.kind.clone();
+    match planner.plan(event).await {
+        Ok((_, actions)) => Ok(Plan { kind, actions }),
+        Err(PlanError::Stopped) => Err(None),
+        Err(e) => {
+            let reason = match &e {
+                PlanError::Rule(RuleError::UnknownType(_)) => DeadLetterReason::UnknownType,
+                PlanError::Rule(RuleError::Field(_)) => DeadLetterReason::Malformed,
+                _ => DeadLetterReason::ResolutionFailed,
+            };
+            Err(Some(Unplanned {
+                kind,
+                reason,
+                detail: e.to_string(),
+            }))
+        }
+    }
+}
