@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::broker::{BrokerDeadLetters, BrokerError, BrokerLink};
-use super::{Content, Delivery, Inbox, InboxError, Settle, Stored};
+use super::{Content, Delivery, Inbox, InboxError, InboxFuture, Settle, Stored};
 use crate::domain::{DeadLetter, DeadLetterSink, Source};
 use crate::telemetry::Metrics;
 
@@ -91,11 +91,7 @@ impl DeadLetterSink for BrokerInbox {
 }
 
 impl Inbox for BrokerInbox {
-    fn store<'a>(
-        &'a self,
-        id: &'a str,
-        body: Box<RawValue>,
-    ) -> BoxFuture<'a, Result<Stored, InboxError>> {
+    fn store<'a>(&'a self, id: &'a str, body: Box<RawValue>) -> InboxFuture<'a, Stored> {
         async move {
             Ok(
                 if self.link.publish_event(id, body.get().as_bytes()).await? {
@@ -124,11 +120,11 @@ impl Inbox for BrokerInbox {
         .boxed()
     }
 
-    fn dead_letters(&self, _limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, InboxError>> {
+    fn dead_letters(&self, _limit: usize) -> InboxFuture<'_, Vec<DeadLetter>> {
         async { Err(InboxError::Unsupported(BROKER_DEAD_LETTERS)) }.boxed()
     }
 
-    fn replay(&self, _ids: Option<Vec<u64>>) -> BoxFuture<'_, Result<usize, InboxError>> {
+    fn replay(&self, _ids: Option<Vec<u64>>) -> InboxFuture<'_, usize> {
         async { Err(InboxError::Unsupported(BROKER_DEAD_LETTERS)) }.boxed()
     }
 

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use super::journal::{Appended, Journal, Record};
-use super::{Content, Delivery, Inbox, InboxError, Settle, Stored};
+use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
 use crate::domain::clock::instant_of;
 use crate::domain::{DeadLetter, DeadLetterSink, Source};
 use crate::telemetry::Metrics;
@@ -126,11 +126,7 @@ impl Reader {
 }
 
 impl Inbox for Journal {
-    fn store<'a>(
-        &'a self,
-        id: &'a str,
-        body: Box<RawValue>,
-    ) -> BoxFuture<'a, Result<Stored, InboxError>> {
+    fn store<'a>(&'a self, id: &'a str, body: Box<RawValue>) -> InboxFuture<'a, Stored> {
         async move {
             Ok(match self.append(id, body).await? {
                 Appended::New(_) => Stored::New,
@@ -154,11 +150,11 @@ impl Inbox for Journal {
         .boxed()
     }
 
-    fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, InboxError>> {
+    fn dead_letters(&self, limit: usize) -> InboxFuture<'_, Vec<DeadLetter>> {
         async move { Ok(Journal::dead_letters(self, limit).await?) }.boxed()
     }
 
-    fn replay(&self, ids: Option<Vec<u64>>) -> BoxFuture<'_, Result<usize, InboxError>> {
+    fn replay(&self, ids: Option<Vec<u64>>) -> InboxFuture<'_, usize> {
         async move { Ok(self.replay_dead_letters(ids).await?) }.boxed()
     }
 

@@ -25,6 +25,9 @@ use crate::telemetry::Metrics;
 use broker::BrokerError;
 use journal::JournalError;
 
+/// What an inbox operation resolves to.
+pub type InboxFuture<'a, T> = BoxFuture<'a, Result<T, InboxError>>;
+
 /// What storing an accepted webhook gave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
@@ -92,11 +95,7 @@ pub struct Delivery {
 /// The durable home of accepted events.
 pub trait Inbox: DeadLetterSink + Send + Sync + 'static {
     /// Stores an accepted webhook durably, or says it has it already.
-    fn store<'a>(
-        &'a self,
-        id: &'a str,
-        body: Box<RawValue>,
-    ) -> BoxFuture<'a, Result<Stored, InboxError>>;
+    fn store<'a>(&'a self, id: &'a str, body: Box<RawValue>) -> InboxFuture<'a, Stored>;
 
     /// Accepted events, oldest first, starting with whatever a previous
     /// run left unsettled; ends when `stop` fires. Taken once, by the
@@ -104,10 +103,10 @@ pub trait Inbox: DeadLetterSink + Send + Sync + 'static {
     fn deliveries(&self, stop: CancellationToken) -> BoxStream<'static, Delivery>;
 
     /// Dead letters, oldest first, at most `limit`.
-    fn dead_letters(&self, limit: usize) -> BoxFuture<'_, Result<Vec<DeadLetter>, InboxError>>;
+    fn dead_letters(&self, limit: usize) -> InboxFuture<'_, Vec<DeadLetter>>;
 
     /// Puts dead letters (all, or the given ids) back to work.
-    fn replay(&self, ids: Option<Vec<u64>>) -> BoxFuture<'_, Result<usize, InboxError>>;
+    fn replay(&self, ids: Option<Vec<u64>>) -> InboxFuture<'_, usize>;
 
     /// Why events cannot be accepted now, if so.
     fn not_ready(&self) -> Option<String>;
