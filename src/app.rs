@@ -269,6 +269,7 @@ async fn start_demo_emulator(settings: &Settings) -> anyhow::Result<RunningEmula
         secret_key: t.secret_key.expose_secret().to_owned(),
         admins: vec![t.admin_identifier.clone()],
         rate_per_api: 200,
+        cursor: settings.emulator.cursor,
         ..EmulatorConfig::default()
     });
     let users: Vec<String> = (0..10)

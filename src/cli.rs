@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, decode_webhook_secret, ConfigError};
-use crate::emulator::{self, EmulatorConfig};
+use crate::emulator::{self, CursorMode, EmulatorConfig};
 use crate::ingest::signature;
 use crate::tencent::usersig;
 
@@ -55,6 +55,13 @@ pub enum Command {
         /// Calls per second allowed per API before 60007.
         #[arg(long, default_value_t = 200)]
         rate: u32,
+        /// What paging cursors (`Next`, `StartCursor`) mean: `offset` (a
+        /// position in the current list; removals between pages shift
+        /// members past it), `key` (the last account listed, lists in
+        /// account order) or `stable` (a position that stays right under
+        /// removals). A seed may change it later.
+        #[arg(long, default_value = "offset", value_parser = parse_cursor_mode)]
+        cursor: CursorMode,
     },
     /// Sign one event (Standard Webhooks) and post it; print the response.
     Send {
@@ -118,6 +125,10 @@ pub enum Command {
     },
 }
 
+fn parse_cursor_mode(s: &str) -> Result<CursorMode, String> {
+    s.parse()
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -147,6 +158,7 @@ pub fn run(cli: Cli) -> ExitCode {
             secret_key,
             admins,
             rate,
+            cursor,
         } => {
             if rate == 0 {
                 return usage_error("--rate: must be at least 1");
@@ -157,6 +169,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 secret_key,
                 admins,
                 rate_per_api: rate,
+                cursor,
                 ..EmulatorConfig::default()
             };
             block_on(emulator::run(config, listen))

@@ -37,7 +37,9 @@ use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use parking_lot::Mutex;
 
-pub use model::{ApiStats, CallRecord, FaultRule, Faults, Seed, SeedChannel, SeedFollow, Stats};
+pub use model::{
+    ApiStats, CallRecord, CursorMode, FaultRule, Faults, Seed, SeedChannel, SeedFollow, Stats,
+};
 
 use crate::tencent::usersig::{self, UserSigClaims, UserSigError};
 use faults::FaultEngine;
@@ -56,6 +58,9 @@ pub struct EmulatorConfig {
     pub rate_per_api: u32,
     /// RNG seed for fault injection.
     pub seed: u64,
+    /// What paging cursors mean at start (and after a reset); a seed may
+    /// change it.
+    pub cursor: CursorMode,
 }
 
 /// The emulator's default SDKAppID.
@@ -75,6 +80,7 @@ impl Default for EmulatorConfig {
             admins: vec![DEFAULT_ADMIN.to_owned()],
             rate_per_api: crate::tencent::api::VENDOR_CALLS_PER_SECOND,
             seed: DEFAULT_SEED,
+            cursor: CursorMode::default(),
         }
     }
 }
@@ -146,7 +152,7 @@ impl Inner {
     }
 
     fn reset(&self) {
-        *self.world.lock() = World::default();
+        *self.world.lock() = World::new(self.config.cursor);
         *self.faults.lock() = FaultEngine::new(self.config.seed);
         *self.meter.lock() = Meter::default();
     }
@@ -187,10 +193,11 @@ impl std::fmt::Debug for Emulator {
 impl Emulator {
     pub fn new(config: EmulatorConfig) -> Emulator {
         let seed = config.seed;
+        let cursor = config.cursor;
         Emulator {
             inner: Arc::new(Inner {
                 config,
-                world: Mutex::new(World::default()),
+                world: Mutex::new(World::new(cursor)),
                 faults: Mutex::new(FaultEngine::new(seed)),
                 meter: Mutex::new(Meter::default()),
                 sig_cache: Mutex::new(HashMap::new()),
@@ -262,6 +269,11 @@ impl Emulator {
     /// The channel's subscribers in subscribe order; `None` if no such channel.
     pub fn subscribers(&self, channel: &str) -> Option<Vec<String>> {
         self.inner.subscribers(channel)
+    }
+
+    /// What paging cursors mean now.
+    pub fn cursor_mode(&self) -> CursorMode {
+        self.inner.world.lock().cursor
     }
 
     pub fn channel_exists(&self, channel: &str) -> bool {
