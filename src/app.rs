@@ -85,7 +85,7 @@ impl Application {
             let dead = BrokerDeadLetters::start(link.clone());
             let sink: Arc<dyn DeadLetterSink> = dead.clone();
             let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
-            let sweeps = Sweeps::new(handles.dispatcher.clone(), pipeline.clone());
+            let sweeps = Sweeps::new(handles.dispatcher.clone(), pipeline.clone(), None);
             let acks = TaskTracker::new();
             let consumer = Consumer {
                 link: link.clone(),
@@ -113,7 +113,18 @@ impl Application {
             })?;
             let sink: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
             let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
-            let sweeps = Sweeps::new(handles.dispatcher.clone(), pipeline.clone());
+            let sweeps = Sweeps::new(
+                handles.dispatcher.clone(),
+                pipeline.clone(),
+                Some(journal.clone()),
+            );
+            let resumed = sweeps
+                .restore()
+                .await
+                .context("reading the journal's sweeps")?;
+            if resumed > 0 {
+                tracing::info!(sweeps = resumed, "sweeps resumed");
+            }
             let task = tokio::spawn(inbox::feed(
                 journal.clone(),
                 pipeline,

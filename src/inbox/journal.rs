@@ -18,6 +18,8 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 
 use crate::rules::Action;
 
+mod sweeps;
+
 /// seq -> stored record (see `Record`).
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// webhook-id -> unix seconds accepted (dedupe window).

@@ -19,7 +19,7 @@ use crate::event::Event;
 use crate::inbox::journal::{Appended, JournalError};
 use crate::inbox::{Intake, IntakeError};
 use crate::rules::{RuleError, Rules};
-use crate::sweep::Sweeps;
+use crate::sweep::{StartError, Sweeps};
 use crate::telemetry::Metrics;
 use crate::tencent::ChannelId;
 
@@ -435,15 +435,21 @@ async fn start_sweep(
         .map(|d| d.trim().to_owned())
         .filter(|d| !d.is_empty())
         .collect();
-    match state.sweeps.start(channel, deny, r.dry_run) {
-        Some(id) => HttpResponse::Accepted().json(json!({
+    match state.sweeps.start(channel, deny, r.dry_run).await {
+        Ok(id) => HttpResponse::Accepted().json(json!({
             "id": id,
             "status": format!("/v1/admin/sweeps/{id}"),
         })),
-        None => problem(
+        Err(e @ StartError::Closed) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "Shutting down",
-            "no new sweeps while shutting down",
+            &e.to_string(),
+            None,
+        ),
+        Err(e @ StartError::Storage(_)) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Journal unavailable",
+            &e.to_string(),
             None,
         ),
     }

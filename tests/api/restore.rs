@@ -179,7 +179,11 @@ async fn a_sweep_removes_exactly_the_denied_in_two_calls() {
     // A dry run finds them and removes nothing.
     let out = sweep_cli(&app, &deny_file, true).await;
     assert!(
-        out.contains("137 on the deny list; 0 removed (dry run)"),
+        out.contains("137 on the deny list; 0 removed (dry run); 137 left"),
+        "{out}"
+    );
+    assert!(
+        out.contains("pass 1: 1000 subscribers listed in 5 pages, 137 on the deny list"),
         "{out}"
     );
     assert_eq!(up.emulator.subscribers("@TOA#_sweep").unwrap().len(), 1000);
@@ -190,10 +194,20 @@ async fn a_sweep_removes_exactly_the_denied_in_two_calls() {
     });
 
     let out = sweep_cli(&app, &deny_file, false).await;
+    // One pass to find them, one to confirm none is left.
     assert!(
-        out.contains("1000 subscribers scanned in 5 pages; 137 on the deny list; 137 removed"),
+        out.contains("137 on the deny list; 137 removed; 0 left"),
         "{out}"
     );
+    assert!(
+        out.contains("pass 1: 1000 subscribers listed in 5 pages, 137 on the deny list"),
+        "{out}"
+    );
+    assert!(
+        out.contains("pass 2: 863 subscribers listed in 5 pages, 0 on the deny list"),
+        "{out}"
+    );
+    assert!(out.contains("confirmed"), "{out}");
     let left: HashSet<String> = up
         .emulator
         .subscribers("@TOA#_sweep")
@@ -203,7 +217,7 @@ async fn a_sweep_removes_exactly_the_denied_in_two_calls() {
     assert_eq!(left.len(), 863);
     assert!(denied.iter().all(|d| !left.contains(d)));
     let stats = up.emulator.stats();
-    assert_eq!(stats.api("get_subscriber_info").calls, 5);
+    assert_eq!(stats.api("get_subscriber_info").calls, 10);
     assert_eq!(stats.api("delete_subscriber").calls, 2);
     app.stop().await;
 }
