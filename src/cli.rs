@@ -574,4 +574,48 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+
+    #[test]
+    fn every_option_of_every_subcommand_has_help() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{id} has no help text",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_sweep_report_reads_on_a_terminal() {
+        let s = serde_json::json!({
+            "channel": "@TOA#_c", "dry_run": false, "state": "done",
+            "found": 137, "removed": 137, "left": 0, "confirmed": true, "resumed": 1,
+            "passes": [
+                {"pages": 5, "listed": 1000, "found": 137, "steady": true},
+                {"pages": 5, "listed": 863, "found": 0, "steady": true}
+            ],
+            "found_sample": ["u1"],
+        });
+        let text = sweep_report(&s);
+        assert!(
+            text.starts_with("channel @TOA#_c: 137 on the deny list; 137 removed; 0 left\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  pass 2: 863 subscribers listed in 5 pages, 0 on the deny list\n"),
+            "{text}"
+        );
+        assert!(text.contains("confirmed: the last pass listed no one on the deny list (resumed 1 times after a restart)"), "{text}");
+        assert!(text.contains("    u1\n"), "{text}");
+    }
 }

@@ -219,10 +219,22 @@ async fn a_sweep_removes_exactly_the_denied_in_two_calls() {
     let stats = up.emulator.stats();
     assert_eq!(stats.api("get_subscriber_info").calls, 10);
     assert_eq!(stats.api("delete_subscriber").calls, 2);
+
+    // --json: the final report as one JSON object.
+    let out = sweep_cli_args(&app, &deny_file, &["--dry-run", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(report["state"], "done");
+    assert_eq!(report["found"], 0);
+    assert_eq!(report["confirmed"], true);
+    assert_eq!(report["passes"][0]["listed"], 863);
     app.stop().await;
 }
 
 async fn sweep_cli(app: &TestApp, deny: &std::path::Path, dry_run: bool) -> String {
+    sweep_cli_args(app, deny, if dry_run { &["--dry-run"] } else { &[] }).await
+}
+
+async fn sweep_cli_args(app: &TestApp, deny: &std::path::Path, extra: &[&str]) -> String {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-janitor"));
     cmd.args([
         "sweep",
@@ -234,10 +246,8 @@ async fn sweep_cli(app: &TestApp, deny: &std::path::Path, dry_run: bool) -> Stri
         ADMIN_TOKEN,
         "--deny",
     ])
-    .arg(deny);
-    if dry_run {
-        cmd.arg("--dry-run");
-    }
+    .arg(deny)
+    .args(extra);
     let out = cmd.output().await.unwrap();
     assert!(
         out.status.success(),
