@@ -20,6 +20,23 @@
 //! | `GET /emulator/follows/{from}` | whom `from` follows, in follow order |
 //!
 //! The same operations are methods of [`Emulator`] for in-process tests.
+//!
+//! What the vendor leaves open, the emulator has to guess. The guesses:
+//! - paging cursors (`Next`, `StartCursor`) are opaque and tied to their
+//!   listing; one the API never returned is a parameter error (6017, 30001);
+//! - what a cursor means under changes between pages is unknown ("the
+//!   position of the subscriber last pulled"): [`CursorMode`] plays each
+//!   reading, `offset` (the default, the pessimistic one: removals shift
+//!   members past it), `key` or `stable`. Set it with
+//!   [`EmulatorConfig::cursor`], `chat-janitor emulator --cursor`,
+//!   `[emulator] cursor` for the demo, or `"cursor"` in a seed;
+//! - `get_subscribed_official_account_list`'s numeric `Offset` is an offset
+//!   into the current list, whatever the mode;
+//! - `SubscriberNum` is the channel's count when each page is read.
+//!
+//! Tests run under `offset` unless they say otherwise; `tests/api/sweep.rs`
+//! runs its sweep under each mode, and `tests/api/emulator.rs` pins each
+//! mode's paging (the README lists them).
 
 mod endpoints;
 mod faults;
