@@ -114,3 +114,43 @@ impl Journal {
         .map_err(|e| JournalError::Storage(e.to_string()))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn sweeps_and_their_ids_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            assert!(j.sweeps().await.unwrap().is_empty(), "no table yet");
+            let a = j
+                .sweep_create(|id| format!("rec-{id}").into_bytes(), b"deny-a".to_vec())
+                .await
+                .unwrap();
+            let b = j
+                .sweep_create(|id| format!("rec-{id}").into_bytes(), b"deny-b".to_vec())
+                .await
+                .unwrap();
+            assert_eq!((a, b), (1, 2));
+            j.sweep_save(a, b"done-1".to_vec(), true).await.unwrap();
+            j.sweep_forget(vec![b]).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.sweeps().await.unwrap(), [(1, b"done-1".to_vec(), None)]);
+        // Forgotten or not, an id is never handed out again.
+        let c = j
+            .sweep_create(|id| format!("rec-{id}").into_bytes(), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(c, 3);
+        assert_eq!(
+            j.sweeps().await.unwrap()[1],
+            (3, b"rec-3".to_vec(), Some(Vec::new()))
+        );
+    }
+}
