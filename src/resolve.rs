@@ -45,6 +45,8 @@ pub enum ResolveFailure {
     Api(#[from] crate::tencent::ApiError),
     #[error("the listing was still changing after {0} passes")]
     Unsettled(usize),
+    #[error("the upstream answered the cursor it was given; the listing would not end")]
+    StuckCursor,
 }
 
 /// Most passes over one listing of more than one page.
@@ -206,8 +208,14 @@ impl Planner {
                     .into_iter()
                     .filter_map(|i| UserId::parse(i.to_account).ok()),
             );
-            if page.next_cursor.is_empty() || out.len() >= MAX_LIST || page.next_cursor == cursor {
+            if page.next_cursor.is_empty() || out.len() >= MAX_LIST {
                 break;
+            }
+            if page.next_cursor == cursor {
+                return Err(PlanError::Resolution {
+                    what,
+                    source: ResolveFailure::StuckCursor,
+                });
             }
             cursor = page.next_cursor;
         }
