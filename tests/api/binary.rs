@@ -199,11 +199,22 @@ async fn sweep_resumes_after(how: Interrupt) {
     // Ids never repeat across restarts.
     let next = start_sweep(&base, &[], true).await;
     assert!(next > id, "{next} after {id}");
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    let _ = finished_sweep(&base, next).await;
+    let stop = |child: &Child| {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap()
+    };
+    stop(&child);
+    assert!(child.wait().unwrap().success());
+    // A finished sweep still answers after another restart, unchanged.
+    let (mut child, port) = start_serve_with(dir.path(), &up.running.base_url(), 50, &env);
+    let (code, again) = sweep_status(&format!("http://127.0.0.1:{port}"), id).await;
+    assert_eq!(code, 200);
+    assert_eq!(again, s);
+    stop(&child);
     assert!(child.wait().unwrap().success());
 }
 
