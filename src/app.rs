@@ -95,7 +95,14 @@ impl Application {
             metrics.clone(),
         );
         let upstream = handles.upstream.clone();
-        let sweeps = Sweeps::new(upstream.clone(), pipeline.clone());
+        let sweeps = Sweeps::new(upstream.clone(), pipeline.clone(), journal.clone());
+        let resumed = sweeps
+            .restore()
+            .await
+            .context("reading the journal's sweeps")?;
+        if resumed > 0 {
+            tracing::info!(sweeps = resumed, "sweeps resumed");
+        }
         let intake_task = tokio::spawn(intake::run(
             inbox.clone(),
             pipeline,
@@ -225,6 +232,7 @@ async fn start_demo_emulator(settings: &Settings) -> anyhow::Result<RunningEmula
         secret_key: t.secret_key.expose_secret().to_owned(),
         admins: vec![t.admin_identifier.clone()],
         rate_per_api: 200,
+        cursor: settings.emulator.cursor,
         ..EmulatorConfig::default()
     });
     let users: Vec<String> = (0..10)

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, ConfigError};
 use crate::domain::clock::{rfc3339, unix_now};
 use crate::domain::WebhookKey;
-use crate::emulator::{self, EmulatorConfig};
+use crate::emulator::{self, CursorMode, EmulatorConfig};
 use crate::ingest::signature;
 use crate::tencent::usersig;
 
@@ -39,10 +39,13 @@ pub enum Command {
     },
     /// Run a stateful emulator of the Tencent Cloud Chat REST endpoints.
     Emulator {
+        /// Address to listen on (port 0: any free port, printed at start).
         #[arg(long, default_value = "127.0.0.1:9700")]
         listen: SocketAddr,
+        /// The SDKAppID it answers for (70014 for any other).
         #[arg(long, default_value_t = 1_400_000_000)]
         sdkappid: u64,
+        /// The secret key UserSigs are verified with.
         #[arg(
             long,
             default_value = "chat-janitor-emulator-key",
@@ -56,12 +59,20 @@ pub enum Command {
         /// Calls per second allowed per API before 60007.
         #[arg(long, default_value_t = 200)]
         rate: u32,
+        /// What paging cursors (`Next`, `StartCursor`) mean: `offset` (a
+        /// position in the current list; removals between pages shift
+        /// members past it), `key` (the last account listed, lists in
+        /// account order) or `stable` (a position that stays right under
+        /// removals). A seed may change it later.
+        #[arg(long, default_value = "offset", value_parser = parse_cursor_mode)]
+        cursor: CursorMode,
     },
     /// Sign one event (Standard Webhooks) and post it; print the response.
     Send {
         /// Event type, e.g. user.banned.
         #[arg(value_name = "TYPE")]
         event_type: String,
+        /// The event's data.user_id.
         #[arg(long)]
         user: String,
         /// Channels to leave (repeat).
@@ -76,10 +87,14 @@ pub enum Command {
         /// Channels the user owns (repeat).
         #[arg(long = "owned-channel")]
         owned_channels: Vec<String>,
+        /// The user's tier now (data.tier, for tier.* events).
         #[arg(long)]
         tier: Option<String>,
+        /// Where to post the event.
         #[arg(long, default_value = "http://127.0.0.1:8080/v1/events")]
         url: String,
+        /// Standard Webhooks secret to sign with (`whsec_...`); default: the
+        /// demo secret of config/default.toml.
         #[arg(long, default_value = DEMO_WEBHOOK_SECRET, env = "CHAT_JANITOR_SEND_SECRET", hide_env_values = true)]
         secret: String,
         /// webhook-id (default: a fresh random one).
@@ -89,6 +104,7 @@ pub enum Command {
     /// Remove every subscriber of a channel who is on a deny list, through a
     /// running service (admin route), and report what was found and removed.
     Sweep {
+        /// The channel to sweep (`@TOA#_...`).
         #[arg(long)]
         channel: String,
         /// File of user ids, one per line (`#` comments and blank lines
@@ -104,19 +120,30 @@ pub enum Command {
         /// The service's [admin] token.
         #[arg(long, env = "CHAT_JANITOR__ADMIN__TOKEN", hide_env_values = true)]
         token: String,
+        /// Print the final report as one JSON object on stdout, and progress
+        /// as JSON lines on stderr.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a UserSig (version 2).
     Usersig {
+        /// The application's SDKAppID.
         #[arg(long)]
         sdkappid: u64,
+        /// The application's secret key.
         #[arg(long)]
         secret_key: String,
+        /// The account the UserSig is for (the app admin, for REST calls).
         #[arg(long)]
         identifier: String,
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 86_400 * 180)]
         expire: u64,
     },
+}
+
+fn parse_cursor_mode(s: &str) -> Result<CursorMode, String> {
+    s.parse()
 }
 
 /// Runs the parsed command line.
@@ -141,6 +168,7 @@ pub fn run(cli: Cli) -> ExitCode {
             secret_key,
             admins,
             rate,
+            cursor,
         } => {
             if rate == 0 {
                 return usage_error("--rate: must be at least 1");
@@ -151,6 +179,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 secret_key,
                 admins,
                 rate_per_api: rate,
+                cursor,
                 ..EmulatorConfig::default()
             };
             block_on(emulator::run(config, listen))
@@ -201,6 +230,7 @@ pub fn run(cli: Cli) -> ExitCode {
             dry_run,
             url,
             token,
+            json,
         } => {
             let deny_list = match deny {
                 None => Vec::new(),
@@ -209,7 +239,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     Err(e) => return usage_error(&format!("--deny: {}: {e}", path.display())),
                 },
             };
-            block_on(sweep(url, token, channel, deny_list, dry_run))
+            block_on(sweep(url, token, channel, deny_list, dry_run, json))
         }
         Command::Serve { config } => match config::load(config.as_deref()) {
             Err(e) => config_error(&e),
@@ -287,12 +317,17 @@ pub fn parse_deny_list(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// How long `sweep` keeps asking a service that does not answer (it may
+/// be restarting; the sweep resumes there).
+const SWEEP_UNREACHABLE_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
 async fn sweep(
     url: String,
     token: String,
     channel: String,
     deny: Vec<String>,
     dry_run: bool,
+    json: bool,
 ) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write};
     let http = reqwest::Client::new();
@@ -313,43 +348,68 @@ async fn sweep(
     let started: serde_json::Value = resp.json().await?;
     let id = started["id"].as_u64().unwrap_or(0);
     let tty = std::io::stderr().is_terminal();
+    let mut unreachable_since = None;
+    let mut last_progress = String::new();
     let status = loop {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let s: serde_json::Value = http
-            .get(format!("{base}/v1/admin/sweeps/{id}"))
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        if tty {
+        let answer = async {
+            http.get(format!("{base}/v1/admin/sweeps/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .error_for_status()?
+                .json::<serde_json::Value>()
+                .await
+        }
+        .await;
+        let s = match answer {
+            Ok(s) => {
+                unreachable_since = None;
+                s
+            }
+            Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => {
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > SWEEP_UNREACHABLE_FOR {
+                    anyhow::bail!("the service stopped answering about sweep {id}: {e}");
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let progress = if json {
+            serde_json::json!({
+                "id": id, "state": s["state"], "pass": s["pass"], "pages": s["pages"],
+                "scanned": s["scanned"], "subscriber_num": s["subscriber_num"],
+                "found": s["found"], "removed": s["removed"],
+            })
+            .to_string()
+        } else {
+            format!(
+                "sweep {id}: pass {}, {} pages, {}/{} subscribers listed, {} found",
+                s["pass"], s["pages"], s["scanned"], s["subscriber_num"], s["found"]
+            )
+        };
+        if progress != last_progress {
             let mut err = std::io::stderr();
-            let _ = write!(
-                err,
-                "\rsweep {id}: {} pages, {}/{} subscribers scanned, {} found, {} removed   ",
-                s["pages"], s["scanned"], s["subscriber_num"], s["found"], s["removed"]
-            );
+            if json {
+                let _ = writeln!(err, "{progress}");
+            } else if tty {
+                let _ = write!(err, "\r{progress}   ");
+            }
             let _ = err.flush();
+            last_progress = progress;
         }
         if s["state"] != "running" {
-            if tty {
+            if tty && !json {
                 eprintln!();
             }
             break s;
         }
     };
-    println!(
-        "channel {}: {} subscribers scanned in {} pages; {} on the deny list; {} removed{}",
-        status["channel"].as_str().unwrap_or(""),
-        status["scanned"],
-        status["pages"],
-        status["found"],
-        status["removed"],
-        if dry_run { " (dry run)" } else { "" }
-    );
-    for account in status["found_sample"].as_array().into_iter().flatten() {
-        println!("  {}", account.as_str().unwrap_or(""));
+    if json {
+        println!("{status}");
+    } else {
+        print!("{}", sweep_report(&status));
     }
     if status["state"] == "failed" {
         anyhow::bail!(
@@ -358,6 +418,71 @@ async fn sweep(
         );
     }
     Ok(())
+}
+
+/// A finished sweep's status (`GET /v1/admin/sweeps/{id}`) for a terminal.
+pub fn sweep_report(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let n = |k: &str| s[k].as_u64().unwrap_or(0);
+    let dry_run = s["dry_run"].as_bool().unwrap_or(false);
+    let passes = s["passes"].as_array().cloned().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "channel {}: {} on the deny list; {} removed{}; {} left",
+        s["channel"].as_str().unwrap_or(""),
+        n("found"),
+        n("removed"),
+        if dry_run { " (dry run)" } else { "" },
+        n("left"),
+    );
+    for (i, p) in passes.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  pass {}: {} subscribers listed in {} pages, {} on the deny list{}",
+            i + 1,
+            p["listed"],
+            p["pages"],
+            p["found"],
+            if p["steady"].as_bool().unwrap_or(true) {
+                ""
+            } else {
+                " (the channel changed while it paged)"
+            }
+        );
+    }
+    let verdict = if s["state"] == "failed" {
+        "failed".to_owned()
+    } else if dry_run {
+        "dry run: nothing removed".to_owned()
+    } else if s["confirmed"].as_bool().unwrap_or(false) {
+        "confirmed: the last pass listed no one on the deny list".to_owned()
+    } else if n("left") > 0 {
+        format!(
+            "not confirmed after {} passes: the channel kept changing; run the sweep again",
+            passes.len()
+        )
+    } else {
+        "not confirmed: the channel changed during the last pass; run the sweep again to be sure"
+            .to_owned()
+    };
+    let _ = writeln!(
+        out,
+        "  {verdict}{}",
+        if n("resumed") > 0 {
+            format!(" (resumed {} times after a restart)", n("resumed"))
+        } else {
+            String::new()
+        }
+    );
+    let sample = s["found_sample"].as_array().cloned().unwrap_or_default();
+    if !sample.is_empty() {
+        let _ = writeln!(out, "  found:");
+        for account in &sample {
+            let _ = writeln!(out, "    {}", account.as_str().unwrap_or(""));
+        }
+    }
+    out
 }
 
 fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
@@ -407,5 +532,49 @@ mod tests {
     fn cli_parses() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_option_of_every_subcommand_has_help() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            assert!(sub.get_about().is_some(), "{} has no about", sub.get_name());
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some(),
+                    "{} --{id} has no help text",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_sweep_report_reads_on_a_terminal() {
+        let s = serde_json::json!({
+            "channel": "@TOA#_c", "dry_run": false, "state": "done",
+            "found": 137, "removed": 137, "left": 0, "confirmed": true, "resumed": 1,
+            "passes": [
+                {"pages": 5, "listed": 1000, "found": 137, "steady": true},
+                {"pages": 5, "listed": 863, "found": 0, "steady": true}
+            ],
+            "found_sample": ["u1"],
+        });
+        let text = sweep_report(&s);
+        assert!(
+            text.starts_with("channel @TOA#_c: 137 on the deny list; 137 removed; 0 left\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  pass 2: 863 subscribers listed in 5 pages, 0 on the deny list\n"),
+            "{text}"
+        );
+        assert!(text.contains("confirmed: the last pass listed no one on the deny list (resumed 1 times after a restart)"), "{text}");
+        assert!(text.contains("    u1\n"), "{text}");
     }
 }

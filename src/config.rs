@@ -312,6 +312,8 @@ pub struct EmbeddedEmulatorSettings {
     /// Off unless a file says so: only the shipped demo defaults turn it on.
     pub embedded: bool,
     pub listen: SocketAddr,
+    /// What the embedded emulator's paging cursors mean.
+    pub cursor: crate::emulator::CursorMode,
 }
 
 impl Default for EmbeddedEmulatorSettings {
@@ -319,6 +321,7 @@ impl Default for EmbeddedEmulatorSettings {
         EmbeddedEmulatorSettings {
             embedded: false,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cursor: crate::emulator::CursorMode::default(),
         }
     }
 }

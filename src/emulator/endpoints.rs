@@ -2,12 +2,14 @@
 //! ([`parse`]), then the effect on the state ([`execute`]).
 
 use std::collections::HashSet;
+use std::ops::Bound;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
 use super::meter::ItemCounts;
+use super::model::CursorMode;
 use super::state::World;
 use crate::domain::CHANNEL_PREFIX;
 use crate::tencent::api::{
@@ -56,7 +58,7 @@ pub(crate) enum Request {
     SubscriberInfo {
         channel: String,
         limit: Option<u64>,
-        after: Option<u64>,
+        after: Option<Cursor>,
     },
     FollowDelete {
         from: String,
@@ -69,7 +71,7 @@ pub(crate) enum Request {
     FollowGet {
         from: String,
         kind: u8,
-        after: Option<u64>,
+        after: Option<Cursor>,
         want: u64,
     },
     FollowCheck {
@@ -317,22 +319,117 @@ fn fnv32(s: &str) -> u32 {
     })
 }
 
-/// An opaque cursor meaning "after entry `seq` of the listing `scope`".
-pub(crate) fn encode_cursor(scope: &str, seq: u64) -> String {
-    let mut bytes = [0u8; 12];
-    bytes[..8].copy_from_slice(&seq.to_be_bytes());
-    bytes[8..].copy_from_slice(&fnv32(scope).to_be_bytes());
+/// What a cursor holds, by [`CursorMode`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cursor {
+    /// `offset`: skip this many entries of the list as it is now.
+    Offset(u64),
+    /// `key`: after this account, in account order.
+    Key(String),
+    /// `stable`: after the entry with this sequence number.
+    Seq(u64),
+}
+
+impl Cursor {
+    fn mode(&self) -> CursorMode {
+        match self {
+            Cursor::Offset(_) => CursorMode::Offset,
+            Cursor::Key(_) => CursorMode::Key,
+            Cursor::Seq(_) => CursorMode::Stable,
+        }
+    }
+}
+
+/// An opaque cursor for the listing `scope`: a tag byte, the payload and a
+/// checksum of the scope, base64.
+pub(crate) fn encode_cursor(scope: &str, cursor: &Cursor) -> String {
+    let mut bytes = Vec::with_capacity(16);
+    match cursor {
+        Cursor::Offset(n) => {
+            bytes.push(b'o');
+            bytes.extend_from_slice(&n.to_be_bytes());
+        }
+        Cursor::Seq(n) => {
+            bytes.push(b's');
+            bytes.extend_from_slice(&n.to_be_bytes());
+        }
+        Cursor::Key(k) => {
+            bytes.push(b'k');
+            bytes.extend_from_slice(k.as_bytes());
+        }
+    }
+    bytes.extend_from_slice(&fnv32(scope).to_be_bytes());
     STANDARD.encode(bytes)
 }
 
-pub(crate) fn decode_cursor(scope: &str, cursor: &str) -> Option<u64> {
+pub(crate) fn decode_cursor(scope: &str, cursor: &str) -> Option<Cursor> {
     let bytes = STANDARD.decode(cursor).ok()?;
-    let bytes: [u8; 12] = bytes.try_into().ok()?;
-    let (seq, check) = bytes.split_at(8);
+    let (body, check) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
     if check != fnv32(scope).to_be_bytes() {
         return None;
     }
-    Some(u64::from_be_bytes(seq.try_into().ok()?))
+    let (&tag, payload) = body.split_first()?;
+    let number = || payload.try_into().ok().map(u64::from_be_bytes);
+    match tag {
+        b'o' => number().map(Cursor::Offset),
+        b's' => number().map(Cursor::Seq),
+        b'k' => {
+            let k = std::str::from_utf8(payload).ok()?;
+            (account_problem(k).is_none()).then(|| Cursor::Key(k.to_owned()))
+        }
+        _ => None,
+    }
+}
+
+/// The rest of a listing from `after` on, as (sequence, account) pairs:
+/// `in_order` walks it in subscribe (follow) order from a sequence number,
+/// `keyed` in account order after an account. The offset of an `offset`
+/// cursor is applied by [`take_page`], after any filter.
+fn rest_of<'a>(
+    after: Option<&Cursor>,
+    mode: CursorMode,
+    in_order: impl FnOnce(u64) -> Box<dyn Iterator<Item = (u64, &'a str)> + 'a>,
+    keyed: impl FnOnce(Option<&str>) -> Box<dyn Iterator<Item = (u64, &'a str)> + 'a>,
+) -> Box<dyn Iterator<Item = (u64, &'a str)> + 'a> {
+    match (mode, after) {
+        (CursorMode::Key, Some(Cursor::Key(k))) => keyed(Some(k)),
+        (CursorMode::Key, _) => keyed(None),
+        (CursorMode::Stable, Some(Cursor::Seq(s))) => in_order(s.saturating_add(1)),
+        _ => in_order(0),
+    }
+}
+
+/// Takes one page of `rest` and the cursor for the next one (`None` when
+/// nothing follows).
+fn take_page<'a>(
+    rest: impl Iterator<Item = (u64, &'a str)>,
+    after: Option<&Cursor>,
+    mode: CursorMode,
+    limit: usize,
+) -> (Vec<(u64, &'a str)>, Option<Cursor>) {
+    let skip = match after {
+        Some(Cursor::Offset(n)) => *n,
+        _ => 0,
+    };
+    let mut rest = rest.skip(usize::try_from(skip).unwrap_or(usize::MAX));
+    let page: Vec<(u64, &str)> = rest.by_ref().take(limit).collect();
+    let next = match (rest.next(), page.last()) {
+        (Some(_), Some(&(seq, account))) => Some(match mode {
+            CursorMode::Offset => Cursor::Offset(skip.saturating_add(page.len() as u64)),
+            CursorMode::Key => Cursor::Key(account.to_owned()),
+            CursorMode::Stable => Cursor::Seq(seq),
+        }),
+        _ => None,
+    };
+    (page, next)
+}
+
+/// 6017 / 30001 for a cursor handed out under another mode.
+fn wrong_mode(code: i64, field: &str, mode: CursorMode) -> Outcome {
+    Outcome::fail(
+        code,
+        format!("{field} is not a cursor this API returned (cursors are now {mode} cursors)"),
+    )
 }
 
 fn subscribers_scope(channel: &str) -> String {
@@ -586,25 +683,46 @@ pub(crate) fn execute(world: &mut World, req: Request, failed: &[bool], now: i64
             let Some(ch) = world.channels.get(&channel) else {
                 return no_channel(&channel);
             };
-            let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
-            let start = after.map_or(0, |s| s.saturating_add(1));
-            let mut iter = ch.by_seq.range(start..);
-            let mut list = Vec::new();
-            let mut last = None;
-            for (&seq, sub) in iter.by_ref().take(limit) {
-                list.push(json!({
-                    "Subscriber_Account": sub.account,
-                    "SubscribeTime": sub.time,
-                    "CustomString": "",
-                    "MsgFlag": "AcceptAndNotify",
-                    "LastSendMsgTime": 0,
-                }));
-                last = Some(seq);
+            let mode = world.cursor;
+            if after.as_ref().is_some_and(|c| c.mode() != mode) {
+                return wrong_mode(BAD_PARAM, "Next", mode);
             }
-            let next = match (iter.next(), last) {
-                (Some(_), Some(seq)) => encode_cursor(&subscribers_scope(&channel), seq),
-                _ => String::new(),
-            };
+            let limit = limit.map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
+            let rest = rest_of(
+                after.as_ref(),
+                mode,
+                |from| {
+                    Box::new(
+                        ch.by_seq
+                            .range(from..)
+                            .map(|(&seq, sub)| (seq, sub.account.as_str())),
+                    )
+                },
+                |key| match key {
+                    Some(k) => Box::new(
+                        ch.by_account
+                            .range::<str, _>((Bound::Excluded(k), Bound::Unbounded))
+                            .map(|(a, &seq)| (seq, a.as_str())),
+                    ),
+                    None => Box::new(ch.by_account.iter().map(|(a, &seq)| (seq, a.as_str()))),
+                },
+            );
+            let (page, next) = take_page(rest, after.as_ref(), mode, limit);
+            let list: Vec<Value> = page
+                .iter()
+                .map(|&(seq, account)| {
+                    json!({
+                        "Subscriber_Account": account,
+                        "SubscribeTime": ch.by_seq.get(&seq).map_or(0, |s| s.time),
+                        "CustomString": "",
+                        "MsgFlag": "AcceptAndNotify",
+                        "LastSendMsgTime": 0,
+                    })
+                })
+                .collect();
+            let next = next.map_or_else(String::new, |c| {
+                encode_cursor(&subscribers_scope(&channel), &c)
+            });
             Outcome::ok(
                 json!({
                     "Next": next,
@@ -633,25 +751,51 @@ pub(crate) fn execute(world: &mut World, req: Request, failed: &[bool], now: i64
             }
             .unwrap_or(&empty);
             let followers = world.followers.get(&from);
-            let start = after.map_or(0, |s| s.saturating_add(1));
-            let want = usize::try_from(want).unwrap_or(usize::MAX);
-            let mut matching = edges
-                .by_seq
-                .range(start..)
-                .filter(|(_, account)| kind != 3 || followers.is_some_and(|f| f.contains(account)));
-            let mut items = Vec::new();
-            let mut last = None;
-            for (&seq, account) in matching.by_ref().take(want) {
-                items.push(json!({
-                    "To_Account": account,
-                    "FollowTime": edges.time_of(account).unwrap_or(0),
-                }));
-                last = Some(seq);
+            let mode = world.cursor;
+            if after.as_ref().is_some_and(|c| c.mode() != mode) {
+                return wrong_mode(FOLLOW_BAD_PARAM, "StartCursor", mode);
             }
-            let next = match (matching.next(), last) {
-                (Some(_), Some(seq)) => encode_cursor(&follow_scope(&from, kind), seq),
-                _ => String::new(),
-            };
+            let want = usize::try_from(want).unwrap_or(usize::MAX);
+            let rest = rest_of(
+                after.as_ref(),
+                mode,
+                |from| {
+                    Box::new(
+                        edges
+                            .by_seq
+                            .range(from..)
+                            .map(|(&seq, a)| (seq, a.as_str())),
+                    )
+                },
+                |key| match key {
+                    Some(k) => Box::new(
+                        edges
+                            .by_account
+                            .range::<str, _>((Bound::Excluded(k), Bound::Unbounded))
+                            .map(|(a, &(seq, _))| (seq, a.as_str())),
+                    ),
+                    None => Box::new(
+                        edges
+                            .by_account
+                            .iter()
+                            .map(|(a, &(seq, _))| (seq, a.as_str())),
+                    ),
+                },
+            )
+            .filter(|(_, account)| kind != 3 || followers.is_some_and(|f| f.contains(account)));
+            let (page, next) = take_page(rest, after.as_ref(), mode, want);
+            let items: Vec<Value> = page
+                .iter()
+                .map(|&(_, account)| {
+                    json!({
+                        "To_Account": account,
+                        "FollowTime": edges.time_of(account).unwrap_or(0),
+                    })
+                })
+                .collect();
+            let next = next.map_or_else(String::new, |c| {
+                encode_cursor(&follow_scope(&from, kind), &c)
+            });
             Outcome::ok(json!({ "FollowItem": items, "NextCursor": next }), counts)
         }
         Request::FollowCheck { from, to } => {
@@ -768,9 +912,12 @@ mod tests {
 
     #[test]
     fn cursors_are_opaque_and_scoped() {
-        let c = encode_cursor("a", 42);
+        let c = encode_cursor("a", &Cursor::Seq(42));
         assert!(c.parse::<u64>().is_err());
-        assert_eq!(decode_cursor("a", &c), Some(42));
+        assert_eq!(decode_cursor("a", &c), Some(Cursor::Seq(42)));
+        for cur in [Cursor::Offset(7), Cursor::Key("u1".into())] {
+            assert_eq!(decode_cursor("a", &encode_cursor("a", &cur)), Some(cur));
+        }
         assert_eq!(decode_cursor("b", &c), None);
         assert_eq!(decode_cursor("a", "42"), None);
         assert_eq!(decode_cursor("a", ""), None);

@@ -20,6 +20,23 @@
 //! | `GET /emulator/follows/{from}` | whom `from` follows, in follow order |
 //!
 //! The same operations are methods of [`Emulator`] for in-process tests.
+//!
+//! What the vendor leaves open, the emulator has to guess. The guesses:
+//! - paging cursors (`Next`, `StartCursor`) are opaque and tied to their
+//!   listing; one the API never returned is a parameter error (6017, 30001);
+//! - what a cursor means under changes between pages is unknown ("the
+//!   position of the subscriber last pulled"): [`CursorMode`] plays each
+//!   reading, `offset` (the default, the pessimistic one: removals shift
+//!   members past it), `key` or `stable`. Set it with
+//!   [`EmulatorConfig::cursor`], `chat-janitor emulator --cursor`,
+//!   `[emulator] cursor` for the demo, or `"cursor"` in a seed;
+//! - `get_subscribed_official_account_list`'s numeric `Offset` is an offset
+//!   into the current list, whatever the mode;
+//! - `SubscriberNum` is the channel's count when each page is read.
+//!
+//! Tests run under `offset` unless they say otherwise; `tests/api/sweep.rs`
+//! runs its sweep under each mode, and `tests/api/emulator.rs` pins each
+//! mode's paging (the README lists them).
 
 mod endpoints;
 mod faults;
@@ -37,7 +54,9 @@ use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpServer};
 use parking_lot::Mutex;
 
-pub use model::{ApiStats, CallRecord, FaultRule, Faults, Seed, SeedChannel, SeedFollow, Stats};
+pub use model::{
+    ApiStats, CallRecord, CursorMode, FaultRule, Faults, Seed, SeedChannel, SeedFollow, Stats,
+};
 
 use crate::tencent::usersig::{self, UserSigClaims, UserSigError};
 use faults::FaultEngine;
@@ -56,6 +75,9 @@ pub struct EmulatorConfig {
     pub rate_per_api: u32,
     /// RNG seed for fault injection.
     pub seed: u64,
+    /// What paging cursors mean at start (and after a reset); a seed may
+    /// change it.
+    pub cursor: CursorMode,
 }
 
 /// The emulator's default SDKAppID.
@@ -75,6 +97,7 @@ impl Default for EmulatorConfig {
             admins: vec![DEFAULT_ADMIN.to_owned()],
             rate_per_api: crate::tencent::api::VENDOR_CALLS_PER_SECOND,
             seed: DEFAULT_SEED,
+            cursor: CursorMode::default(),
         }
     }
 }
@@ -146,7 +169,7 @@ impl Inner {
     }
 
     fn reset(&self) {
-        *self.world.lock() = World::default();
+        *self.world.lock() = World::new(self.config.cursor);
         *self.faults.lock() = FaultEngine::new(self.config.seed);
         *self.meter.lock() = Meter::default();
     }
@@ -187,10 +210,11 @@ impl std::fmt::Debug for Emulator {
 impl Emulator {
     pub fn new(config: EmulatorConfig) -> Emulator {
         let seed = config.seed;
+        let cursor = config.cursor;
         Emulator {
             inner: Arc::new(Inner {
                 config,
-                world: Mutex::new(World::default()),
+                world: Mutex::new(World::new(cursor)),
                 faults: Mutex::new(FaultEngine::new(seed)),
                 meter: Mutex::new(Meter::default()),
                 sig_cache: Mutex::new(HashMap::new()),
@@ -262,6 +286,11 @@ impl Emulator {
     /// The channel's subscribers in subscribe order; `None` if no such channel.
     pub fn subscribers(&self, channel: &str) -> Option<Vec<String>> {
         self.inner.subscribers(channel)
+    }
+
+    /// What paging cursors mean now.
+    pub fn cursor_mode(&self) -> CursorMode {
+        self.inner.world.lock().cursor
     }
 
     pub fn channel_exists(&self, channel: &str) -> bool {

@@ -20,6 +20,68 @@ pub struct Seed {
     /// (130010 beyond it). `None` leaves the current setting (unlimited at
     /// start).
     pub user_channel_limit: Option<u64>,
+    /// What paging cursors mean from now on (see [`CursorMode`]). `None`
+    /// leaves the current mode. Cursors handed out under another mode are
+    /// refused afterwards (6017 / 30001), as a cursor the API never returned.
+    pub cursor: Option<CursorMode>,
+}
+
+/// What `Next` (`get_subscriber_info`) and `StartCursor` (`follow_get`)
+/// mean. The vendor describes `Next` only as "the position of the subscriber
+/// last pulled" and promises nothing about changes between pages, so the
+/// emulator can play each plausible reading:
+///
+/// - `offset` (the default, the pessimistic reading): the cursor is a
+///   position in the list as it is when the next page is read, in subscribe
+///   order. A removal before the cursor shifts everyone after it back by
+///   one, so the next page skips one member that was never listed.
+/// - `key`: the cursor names the last account listed, and the list is kept
+///   in account order; the next page starts after that account, wherever
+///   it is now. Removals skip no one; an account added that sorts before
+///   the cursor is not listed by this pass.
+/// - `stable`: the cursor is a position that stays correct under removals
+///   (after this subscription, in subscribe order); additions land at the
+///   end and are listed.
+///
+/// `get_subscribed_official_account_list` takes a numeric `Offset`, which
+/// has no other reading: it is an offset into the current list in every
+/// mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CursorMode {
+    #[default]
+    Offset,
+    Key,
+    Stable,
+}
+
+impl CursorMode {
+    pub const ALL: [CursorMode; 3] = [CursorMode::Offset, CursorMode::Key, CursorMode::Stable];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CursorMode::Offset => "offset",
+            CursorMode::Key => "key",
+            CursorMode::Stable => "stable",
+        }
+    }
+}
+
+impl std::fmt::Display for CursorMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for CursorMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        CursorMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("{s:?} is not a cursor mode (offset, key, stable)"))
+    }
 }
 
 /// One official channel to create or extend.

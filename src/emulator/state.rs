@@ -1,11 +1,13 @@
 //! The emulated service's data: official channels with their subscribers,
 //! and the follow graph. Every ordered listing is kept in a `BTreeMap` keyed
-//! by a sequence number that only grows, so cursors can name "after this
-//! entry" and stay right when entries are removed between pages.
+//! by a sequence number that only grows, so a `stable` cursor can name
+//! "after this entry" and stay right when entries are removed between
+//! pages; each listing is also indexed by account in account order, for
+//! `key` cursors (see [`CursorMode`]).
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::model::Seed;
+use super::model::{CursorMode, Seed};
 
 /// One subscription as a channel keeps it.
 #[derive(Debug, Clone)]
@@ -21,8 +23,8 @@ pub(crate) struct Channel {
     pub max_subscribers: Option<u64>,
     /// seq -> subscriber, in subscribe order.
     pub by_seq: BTreeMap<u64, Sub>,
-    /// subscriber -> seq.
-    pub by_account: HashMap<String, u64>,
+    /// subscriber -> seq, in account order.
+    pub by_account: BTreeMap<String, u64>,
 }
 
 impl Channel {
@@ -35,8 +37,8 @@ impl Channel {
 #[derive(Debug, Default)]
 pub(crate) struct Edges {
     pub by_seq: BTreeMap<u64, String>,
-    /// account -> (seq, time).
-    pub by_account: HashMap<String, (u64, i64)>,
+    /// account -> (seq, time), in account order.
+    pub by_account: BTreeMap<String, (u64, i64)>,
 }
 
 impl Edges {
@@ -83,11 +85,20 @@ pub(crate) struct World {
     /// account -> who follows it.
     pub followers: HashMap<String, Edges>,
     pub user_channel_limit: Option<u64>,
+    /// What paging cursors mean.
+    pub cursor: CursorMode,
     seq: u64,
     generated: u64,
 }
 
 impl World {
+    pub fn new(cursor: CursorMode) -> World {
+        World {
+            cursor,
+            ..World::default()
+        }
+    }
+
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
@@ -220,6 +231,9 @@ impl World {
 
     /// Applies a seed (see [`Seed`]).
     pub fn seed(&mut self, seed: &Seed, now: i64) {
+        if let Some(mode) = seed.cursor {
+            self.cursor = mode;
+        }
         if let Some(limit) = seed.user_channel_limit {
             self.user_channel_limit = Some(limit);
         }

@@ -19,6 +19,8 @@ use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use crate::domain::clock::{unix_ms, unix_now};
 use crate::domain::DeadLetter;
 
+mod sweeps;
+
 /// seq -> stored record (see `Record`).
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// webhook-id -> unix seconds accepted (dedupe window).

@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 
 use super::http::{inbox_problem, problem, HttpState};
 use crate::domain::ChannelId;
+use crate::sweep::StartError;
 
 /// The `/v1/admin` scope, guarded.
 pub fn scope() -> Scope<
@@ -150,15 +151,21 @@ async fn start_sweep(body: web::Bytes, state: web::Data<HttpState>) -> HttpRespo
         .map(|d| d.trim().to_owned())
         .filter(|d| !d.is_empty())
         .collect();
-    match state.sweeps.start(channel, deny, r.dry_run) {
-        Some(id) => HttpResponse::Accepted().json(json!({
+    match state.sweeps.start(channel, deny, r.dry_run).await {
+        Ok(id) => HttpResponse::Accepted().json(json!({
             "id": id,
             "status": format!("/v1/admin/sweeps/{id}"),
         })),
-        None => problem(
+        Err(e @ StartError::Closed) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "Shutting down",
-            "no new sweeps while shutting down",
+            &e.to_string(),
+            None,
+        ),
+        Err(e @ StartError::Storage(_)) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Journal unavailable",
+            &e.to_string(),
             None,
         ),
     }

@@ -16,8 +16,19 @@ const BIN: &str = env!("CARGO_BIN_EXE_chat-janitor");
 /// Starts `serve` in `dir` (so no config/default.toml is found) with the
 /// settings given as environment overrides; returns it and its port.
 fn start_serve(dir: &Path, upstream: &str, linger_ms: u64) -> (Child, u16) {
+    start_serve_with(dir, upstream, linger_ms, &[])
+}
+
+/// `start_serve` with more environment overrides.
+fn start_serve_with(
+    dir: &Path,
+    upstream: &str,
+    linger_ms: u64,
+    env: &[(&str, &str)],
+) -> (Child, u16) {
     let mut child = Command::new(BIN)
         .arg("serve")
+        .envs(env.iter().copied())
         .current_dir(dir)
         .env("RUST_LOG", "info")
         .env("CHAT_JANITOR__SERVER__LISTEN", "127.0.0.1:0")
@@ -116,6 +127,105 @@ async fn sigkill_with_batches_pending_loses_nothing_accepted() {
         .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// How a test stops the service mid-sweep.
+#[derive(Clone, Copy, Debug)]
+enum Interrupt {
+    /// SIGTERM while the first pass pages.
+    TermWhileListing,
+    /// SIGKILL while the first removal round is in flight.
+    KillWhileRemoving,
+}
+
+async fn sweep_resumes_after(how: Interrupt) {
+    use crate::sweep::*;
+    let up = TestUpstream::start().await;
+    let case = case();
+    seed_case(&up, &case);
+    let (api, latency, wait_for) = match how {
+        Interrupt::TermWhileListing => ("get_subscriber_info", 300, 3),
+        Interrupt::KillWhileRemoving => ("delete_subscriber", 1500, 1),
+    };
+    up.emulator
+        .set_faults(chat_janitor::emulator::Faults::new(vec![
+            chat_janitor::emulator::FaultRule::latency(Some(api), latency),
+        ]));
+    let dir = temp_dir();
+    let env = [("CHAT_JANITOR__ADMIN__TOKEN", ADMIN_TOKEN)];
+    let (mut child, port) = start_serve_with(dir.path(), &up.running.base_url(), 50, &env);
+    let base = format!("http://127.0.0.1:{port}");
+    let id = start_sweep(&base, &case.deny, false).await;
+    eventually(30, "the sweep under way", || async {
+        up.emulator.stats().api(api).calls >= wait_for
+    })
+    .await;
+    match how {
+        Interrupt::TermWhileListing => {
+            Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status()
+                .unwrap();
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{status:?}");
+        }
+        Interrupt::KillWhileRemoving => {
+            child.kill().expect("SIGKILL");
+            child.wait().unwrap();
+        }
+    }
+    up.emulator.clear_faults();
+
+    let (mut child, port) = start_serve_with(dir.path(), &up.running.base_url(), 50, &env);
+    let base = format!("http://127.0.0.1:{port}");
+    let (code, s) = sweep_status(&base, id).await;
+    assert_eq!(code, 200, "the sweep is known after the restart: {s}");
+    assert_eq!(s["resumed"], 1, "{s}");
+    let s = finished_sweep(&base, id).await;
+    // The same result as a sweep nobody interrupted.
+    assert_clean_result(&s);
+    assert_eq!(passes(&s), [(5, 1000, 137), (5, 863, 0)], "{how:?}: {s}");
+    let denied: std::collections::HashSet<String> = case.denied.iter().cloned().collect();
+    let sent: std::collections::HashSet<String> = removals_sent(&up).into_iter().collect();
+    assert_eq!(sent, denied, "{how:?}");
+    let expected: std::collections::HashSet<String> = case
+        .members
+        .iter()
+        .filter(|m| !denied.contains(*m))
+        .cloned()
+        .collect();
+    assert_eq!(remaining(&up), expected);
+    // Ids never repeat across restarts.
+    let next = start_sweep(&base, &[], true).await;
+    assert!(next > id, "{next} after {id}");
+    let _ = finished_sweep(&base, next).await;
+    let stop = |child: &Child| {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap()
+    };
+    stop(&child);
+    assert!(child.wait().unwrap().success());
+    // A finished sweep still answers after another restart, unchanged.
+    let (mut child, port) = start_serve_with(dir.path(), &up.running.base_url(), 50, &env);
+    let (code, again) = sweep_status(&format!("http://127.0.0.1:{port}"), id).await;
+    assert_eq!(code, 200);
+    assert_eq!(again, s);
+    stop(&child);
+    assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test]
+async fn a_sweep_stopped_by_sigterm_resumes_after_a_restart() {
+    sweep_resumes_after(Interrupt::TermWhileListing).await;
+}
+
+#[tokio::test]
+async fn a_sweep_killed_mid_removal_resumes_after_a_restart() {
+    sweep_resumes_after(Interrupt::KillWhileRemoving).await;
 }
 
 #[test]

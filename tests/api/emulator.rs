@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use chat_janitor::emulator::{
-    CallRecord, Emulator, EmulatorConfig, FaultRule, Faults, RunningEmulator, Seed, SeedChannel,
-    SeedFollow, Stats,
+    CallRecord, CursorMode, Emulator, EmulatorConfig, FaultRule, Faults, RunningEmulator, Seed,
+    SeedChannel, SeedFollow, Stats,
 };
 use chat_janitor::tencent::usersig::generate;
 use chat_janitor::tencent::Api;
@@ -641,8 +641,12 @@ async fn get_subscriber_info_pages_with_opaque_cursors() {
 }
 
 #[tokio::test]
-async fn removal_between_pages_skips_no_one() {
-    let env = Env::start().await;
+async fn removal_between_pages_skips_no_one_under_stable_cursors() {
+    let env = Env::with(EmulatorConfig {
+        cursor: CursorMode::Stable,
+        ..config()
+    })
+    .await;
     let all = users(0..450);
     env.emu.seed(Seed {
         channels: vec![SeedChannel::new(CH, all.clone())],
@@ -673,6 +677,152 @@ async fn removal_between_pages_skips_no_one() {
         .cloned()
         .collect();
     assert_eq!(rest, expected);
+    env.stop().await;
+}
+
+/// Lists the whole channel, removing `remove` right after the first page.
+async fn list_removing_after_first_page(env: &Env, remove: &[&str]) -> Vec<String> {
+    let (mut seen, mut next, _) = page(env, CH, 200, "").await;
+    let v = env.call(Api::DeleteSubscriber, del(CH, remove)).await;
+    assert_eq!(code_of(&v), 0);
+    while !next.is_empty() {
+        let (list, n, _) = page(env, CH, 200, &next).await;
+        seen.extend(list);
+        next = n;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn offset_cursors_skip_members_shifted_by_a_removal() {
+    let env = Env::start().await;
+    assert_eq!(env.emu.cursor_mode(), CursorMode::Offset, "the default");
+    let all = users(0..450);
+    env.emu.seed(Seed {
+        channels: vec![SeedChannel::new(CH, all.clone())],
+        ..Seed::default()
+    });
+    let seen = list_removing_after_first_page(&env, &["user0000", "user0199", "user0300"]).await;
+    // Two removed before the cursor shift user0200 and user0201 onto
+    // positions already passed: the listing never shows them.
+    let mut expected: Vec<String> = all.clone();
+    expected.retain(|u| !["user0200", "user0201", "user0300"].contains(&u.as_str()));
+    assert_eq!(seen, expected);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn key_cursors_list_in_account_order_after_the_last_account() {
+    let env = Env::with(EmulatorConfig {
+        cursor: CursorMode::Key,
+        ..config()
+    })
+    .await;
+    // Subscribed in reverse order; listed in account order.
+    let mut all = users(0..450);
+    all.reverse();
+    env.emu.seed(Seed {
+        channels: vec![SeedChannel::new(CH, all.clone())],
+        ..Seed::default()
+    });
+    all.reverse();
+    let seen = list_removing_after_first_page(&env, &["user0000", "user0199", "user0300"]).await;
+    let expected: Vec<String> = all.iter().filter(|u| *u != "user0300").cloned().collect();
+    assert_eq!(seen, expected, "a removal skips no one");
+    // An account added before the cursor is not listed by that pass.
+    let (_, next, _) = page(&env, CH, 200, "").await;
+    env.emu.seed(Seed {
+        channels: vec![SeedChannel::new(CH, ["user0000a"])],
+        ..Seed::default()
+    });
+    let (rest, _, total) = page(&env, CH, 200, &next).await;
+    assert_eq!(total, 448);
+    assert_eq!(rest.first().map(String::as_str), Some("user0202"));
+    assert!(!rest.iter().any(|u| u == "user0000a"));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_seed_switches_the_cursor_mode_and_old_cursors_are_refused() {
+    let env = Env::start().await;
+    env.emu.seed(Seed {
+        channels: vec![SeedChannel::new(CH, users(0..5))],
+        follows: vec![SeedFollow::new("me", ["a", "b", "c"])],
+        ..Seed::default()
+    });
+    let (_, offset_next, _) = page(&env, CH, 2, "").await;
+    let follow_page =
+        json!({"From_Account": "me", "FollowType": 2, "StartCursor": "", "WantNum": 1});
+    let v = env.call(Api::FollowGet, follow_page.clone()).await;
+    let follow_next = v["NextCursor"].as_str().unwrap().to_owned();
+    assert!(!follow_next.is_empty());
+    // Over HTTP, as a test outside the process would.
+    let r = env
+        .http
+        .post(format!("{}/emulator/seed", env.base))
+        .json(&json!({"cursor": "stable"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    assert_eq!(env.emu.cursor_mode(), CursorMode::Stable);
+    assert_eq!(
+        env.code(
+            Api::GetSubscriberInfo,
+            json!({"Official_Account": CH, "Limit": 2, "Next": offset_next})
+        )
+        .await,
+        6017
+    );
+    assert_eq!(
+        env.code(
+            Api::FollowGet,
+            json!({"From_Account": "me", "FollowType": 2, "StartCursor": follow_next, "WantNum": 1})
+        )
+        .await,
+        30001
+    );
+    let r = env
+        .http
+        .post(format!("{}/emulator/seed", env.base))
+        .json(&json!({"cursor": "sideways"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "an unknown mode is refused");
+    // A reset goes back to the configured mode.
+    env.emu.reset();
+    assert_eq!(env.emu.cursor_mode(), CursorMode::Offset);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn follow_get_offset_cursors_shift_on_removal() {
+    let env = Env::start().await;
+    env.emu.seed(Seed {
+        follows: vec![SeedFollow::new("me", ["a", "b", "c", "d"])],
+        ..Seed::default()
+    });
+    let get = |cursor: String| json!({"From_Account": "me", "FollowType": 2, "StartCursor": cursor, "WantNum": 2});
+    let v = env.call(Api::FollowGet, get(String::new())).await;
+    assert_eq!(v["FollowItem"][1]["To_Account"], "b");
+    let next = v["NextCursor"].as_str().unwrap().to_owned();
+    let d = env
+        .call(
+            Api::FollowDelete,
+            json!({"From_Account": "me", "To_Account": ["a"]}),
+        )
+        .await;
+    assert_eq!(code_of(&d), 0);
+    let v = env.call(Api::FollowGet, get(next)).await;
+    let rest: Vec<&str> = v["FollowItem"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["To_Account"].as_str().unwrap())
+        .collect();
+    assert_eq!(rest, ["d"], "c shifted onto a position already listed");
+    assert_eq!(v["NextCursor"], "");
     env.stop().await;
 }
 

@@ -9,5 +9,6 @@ mod emulator;
 mod helpers;
 mod pipeline;
 mod restore;
+mod sweep;
 mod usersig;
 mod webhook;

@@ -179,7 +179,11 @@ async fn a_sweep_removes_exactly_the_denied_in_two_calls() {
     // A dry run finds them and removes nothing.
     let out = sweep_cli(&app, &deny_file, true).await;
     assert!(
-        out.contains("137 on the deny list; 0 removed (dry run)"),
+        out.contains("137 on the deny list; 0 removed (dry run); 137 left"),
+        "{out}"
+    );
+    assert!(
+        out.contains("pass 1: 1000 subscribers listed in 5 pages, 137 on the deny list"),
         "{out}"
     );
     assert_eq!(up.emulator.subscribers("@TOA#_sweep").unwrap().len(), 1000);
@@ -190,10 +194,20 @@ async fn a_sweep_removes_exactly_the_denied_in_two_calls() {
     });
 
     let out = sweep_cli(&app, &deny_file, false).await;
+    // One pass to find them, one to confirm none is left.
     assert!(
-        out.contains("1000 subscribers scanned in 5 pages; 137 on the deny list; 137 removed"),
+        out.contains("137 on the deny list; 137 removed; 0 left"),
         "{out}"
     );
+    assert!(
+        out.contains("pass 1: 1000 subscribers listed in 5 pages, 137 on the deny list"),
+        "{out}"
+    );
+    assert!(
+        out.contains("pass 2: 863 subscribers listed in 5 pages, 0 on the deny list"),
+        "{out}"
+    );
+    assert!(out.contains("confirmed"), "{out}");
     let left: HashSet<String> = up
         .emulator
         .subscribers("@TOA#_sweep")
@@ -203,12 +217,24 @@ async fn a_sweep_removes_exactly_the_denied_in_two_calls() {
     assert_eq!(left.len(), 863);
     assert!(denied.iter().all(|d| !left.contains(d)));
     let stats = up.emulator.stats();
-    assert_eq!(stats.api("get_subscriber_info").calls, 5);
+    assert_eq!(stats.api("get_subscriber_info").calls, 10);
     assert_eq!(stats.api("delete_subscriber").calls, 2);
+
+    // --json: the final report as one JSON object.
+    let out = sweep_cli_args(&app, &deny_file, &["--dry-run", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(report["state"], "done");
+    assert_eq!(report["found"], 0);
+    assert_eq!(report["confirmed"], true);
+    assert_eq!(report["passes"][0]["listed"], 863);
     app.stop().await;
 }
 
 async fn sweep_cli(app: &TestApp, deny: &std::path::Path, dry_run: bool) -> String {
+    sweep_cli_args(app, deny, if dry_run { &["--dry-run"] } else { &[] }).await
+}
+
+async fn sweep_cli_args(app: &TestApp, deny: &std::path::Path, extra: &[&str]) -> String {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_chat-janitor"));
     cmd.args([
         "sweep",
@@ -220,10 +246,8 @@ async fn sweep_cli(app: &TestApp, deny: &std::path::Path, dry_run: bool) -> Stri
         ADMIN_TOKEN,
         "--deny",
     ])
-    .arg(deny);
-    if dry_run {
-        cmd.arg("--dry-run");
-    }
+    .arg(deny)
+    .args(extra);
     let out = cmd.output().await.unwrap();
     assert!(
         out.status.success(),
