@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod journal;
+pub mod lease;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
