@@ -2,6 +2,7 @@
 //! journal, fed into the pipeline by `feed`.
 
 pub mod broker;
+pub mod dead_letters;
 pub mod journal;
 pub mod lease;
 

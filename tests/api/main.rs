@@ -5,6 +5,7 @@
 mod amqp;
 mod binary;
 mod client;
+mod dead_log;
 mod emulator;
 mod helpers;
 mod lease;
