@@ -19,10 +19,18 @@
 //!   place) is used as it is; the leader is simply the only replica that
 //!   consumes it.
 //! - **It survives `consumer_timeout`.** The broker closes a channel that
-//!   holds a delivery unacked for longer (30 minutes by default). The leader
-//!   gives the token back to itself (`basic.reject`, requeue) every
-//!   [`LeaseConfig::renew_every`] (60 s by default); single active consumer
-//!   delivers it straight back to the same, still active, consumer.
+//!   holds a delivery unacked for longer (30 minutes by default). Every
+//!   [`LeaseConfig::renew_every`] (60 s by default) the leader renews: it
+//!   publishes a fresh token (confirmed) and then acks the one it holds.
+//!   Single active consumer delivers the fresh token to the same, still
+//!   active, consumer, as a new delivery with a new clock. Renewing by
+//!   `basic.reject` with requeue works too on RabbitMQ 3.10 (the tests show
+//!   it: the token goes back to the same consumer every time and a queue
+//!   without `x-delivery-limit` never drops it), but each requeue raises the
+//!   message's delivery count: RabbitMQ 4.0 gives quorum queues a default
+//!   delivery limit of 20, and 4.3 counts a `basic.reject` requeue against
+//!   it, so a requeued token would be dropped after about 20 renewals there.
+//!   A fresh token per renewal has a delivery count of zero on any version.
 //! - **Missing and extra tokens heal.** A replica that finds the lock queue
 //!   empty when it declares it publishes a token; a replica that has held no
 //!   token for [`LeaseConfig::token_grace`] publishes one too. Extra tokens
@@ -59,7 +67,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -111,7 +119,7 @@ pub struct LeaseConfig {
     /// proposals wins). A paused or cut-off holder is noticed within about
     /// two intervals.
     pub heartbeat: Duration,
-    /// How often the leader gives the token back to itself; must stay well
+    /// How often the leader swaps its token for a fresh one; must stay well
     /// inside the broker's `consumer_timeout` (30 minutes by default).
     pub renew_every: Duration,
     /// How long a replica waits without a token before publishing one, in
@@ -450,11 +458,16 @@ impl Holder {
                     }
                     if let Some((acker, renew_at)) = &held {
                         if now >= *renew_at {
-                            // Back to the queue, and so back to us: we are
-                            // still the single active consumer.
-                            acker.reject(BasicRejectOptions { requeue: true }).await?;
+                            // A fresh token first, then the old one acked:
+                            // the fresh one comes to us, the single active
+                            // consumer, as a new delivery. There is a token
+                            // in the queue at every moment, and no delivery
+                            // count grows (see the module docs).
+                            publish_token(&channel, &self.lock_queue).await?;
+                            acker.ack(BasicAckOptions::default()).await?;
                             held = None;
                             returning = Some(now);
+                            last_tick = Instant::now();
                         }
                     } else if let Some(since) = returning {
                         if now.duration_since(since) > cfg.return_wait() {
@@ -474,8 +487,11 @@ impl Holder {
 }
 
 /// Declares the lock queue: durable quorum, single active consumer, and no
-/// delivery limit (3.x quorum queues have none unless one is set), so
-/// renewing by requeue never dead-letters or drops the token.
+/// delivery limit (3.x quorum queues have none unless one is set). A token
+/// is requeued only when its holder's connection goes (each failover adds
+/// one to its delivery count); on a 4.x broker, whose default limit is 20,
+/// a token past it is dropped and [`LeaseConfig::token_grace`] re-creates
+/// one.
 pub async fn declare_lock_queue(
     channel: &Channel,
     lock_queue: &str,
