@@ -194,8 +194,7 @@ impl DeadLog {
     /// The first `limit` dead letters not replayed yet, oldest first.
     /// Reading removes nothing: every call sees the same entries.
     pub async fn list(&self, limit: usize) -> Result<Vec<BrokerDeadLetter>, BrokerError> {
-        let end = self.append_cursor().await?;
-        let replayed = self.replayed(end).await?;
+        let (end, replayed) = self.snapshot().await?;
         let mut out = Vec::new();
         if limit == 0 {
             return Ok(out);
@@ -219,8 +218,7 @@ impl DeadLog {
         if wanted.as_ref().is_some_and(HashSet::is_empty) {
             return Ok(0);
         }
-        let end = self.append_cursor().await?;
-        let mut replayed = self.replayed(end).await?;
+        let (end, mut replayed) = self.snapshot().await?;
         let mut done = 0;
         // A bounded pass at a time: collected first, published after, so the
         // read is not tied to the work queue's pace and memory stays bounded.
@@ -270,8 +268,9 @@ impl DeadLog {
         self.link.publish("", &self.log, &body, props).await
     }
 
-    /// Appends a cursor and returns its offset once it is in the log.
-    async fn append_cursor(&self) -> Result<u64, BrokerError> {
+    /// Appends a cursor and reads up to it: the log's end for this read
+    /// (the cursor's offset) and the offsets marked replayed before it.
+    async fn snapshot(&self) -> Result<(u64, HashSet<u64>), BrokerError> {
         let token = format!("{:032x}", rand::random::<u128>());
         let props = BasicProperties::default().with_headers(table(&[(
             CURSOR_HEADER,
@@ -279,30 +278,22 @@ impl DeadLog {
         )]));
         self.link.publish("", &self.log, b"", props).await?;
         let mut end = None;
+        let mut replayed = HashSet::new();
         self.scan(u64::MAX, |offset, d| {
             if header_str(d, CURSOR_HEADER).as_deref() == Some(token.as_str()) {
                 end = Some(offset);
                 return false;
             }
-            true
-        })
-        .await?;
-        end.ok_or(BrokerError::Refused("the log ended before its cursor"))
-    }
-
-    /// Offsets marked replayed before `end`.
-    async fn replayed(&self, end: u64) -> Result<HashSet<u64>, BrokerError> {
-        let mut set = HashSet::new();
-        self.scan(end, |_, d| {
             if header(d, REPLAYED_HEADER).is_some() {
                 if let Ok(v) = serde_json::from_slice::<Vec<u64>>(&d.data) {
-                    set.extend(v);
+                    replayed.extend(v);
                 }
             }
             true
         })
         .await?;
-        Ok(set)
+        let end = end.ok_or(BrokerError::Refused("the log ended before its cursor"))?;
+        Ok((end, replayed))
     }
 
     /// Reads the log from its first offset, calling `f` for each message
