@@ -81,7 +81,8 @@ impl std::fmt::Debug for BrokerLink {
     }
 }
 
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
+/// A field table (queue arguments, headers) from literal entries.
+pub fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     let mut t = FieldTable::default();
     for (k, v) in entries {
         t.insert(ShortString::from(*k), v.clone());

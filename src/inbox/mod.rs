@@ -11,8 +11,10 @@
 
 pub mod broker;
 pub mod consumer;
+pub mod dead_letters;
 pub mod embedded;
 pub mod journal;
+pub mod lease;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;

@@ -5,8 +5,10 @@
 mod amqp;
 mod binary;
 mod client;
+mod dead_log;
 mod emulator;
 mod helpers;
+mod lease;
 mod pipeline;
 mod restore;
 mod sweep;
