@@ -108,9 +108,9 @@ impl Application {
                 sweeps,
             )
         } else {
-            let journal = Journal::open(&settings.journal.path).with_context(|| {
-                format!("opening the journal in {}", settings.journal.path.display())
-            })?;
+            // Its error is one line naming the file and what to do.
+            let journal =
+                Journal::open_with(&settings.journal.path, settings.journal.faults.clone())?;
             let sink: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
             let (pipeline, handles) = Pipeline::start(&settings, client, sink, metrics.clone());
             let sweeps = Sweeps::new(handles.dispatcher.clone(), pipeline.clone());

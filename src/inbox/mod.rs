@@ -2,6 +2,8 @@
 //! journal, fed into the pipeline by `feed`.
 
 pub mod broker;
+#[doc(hidden)]
+pub mod faults;
 pub mod journal;
 
 use std::sync::Arc;
