@@ -229,7 +229,10 @@ impl Application {
         self.handles.drain(SHUTDOWN_GRACE).await;
         match self.backend {
             Backend::Journal(j) => {
-                j.sync().await.ok();
+                if let Err(e) = j.sync().await {
+                    tracing::warn!(error = %e, "journal not synced at shutdown; its last settles replay on start");
+                }
+                j.shutdown().await;
             }
             Backend::Broker { link, dead, acks } => {
                 let _ = tokio::time::timeout(Duration::from_secs(5), dead.flushed()).await;

@@ -118,6 +118,7 @@ enum Cmd {
         older_than_unix: u64,
     },
     Sync(oneshot::Sender<Result<(), JournalError>>),
+    Shutdown(oneshot::Sender<()>),
 }
 
 /// Whether the journal can write, as `/readyz` and `/healthz` report it.
@@ -398,6 +399,15 @@ impl Journal {
         rx.await.map_err(|_| JournalError::Closed)?
     }
 
+    /// Commits what is held, closes the file and stops the writer (the end
+    /// of a graceful shutdown; the file can be opened again at once).
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.inner.tx.send(Cmd::Shutdown(reply)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Resolves when a commit added entries (or at once if one did since the
     /// last call).
     pub async fn committed(&self) {
@@ -556,6 +566,10 @@ struct Writer {
     /// Settles and dead letters whose commit failed, committed first next
     /// time (dead letters before settles, as they were sent).
     held_settles: VecDeque<u64>,
+    /// Settles committed since the last durable commit.
+    unsynced_settles: VecDeque<u64>,
+    /// What those commits took off `pending`.
+    unsynced_delta: i64,
     held_dead: Vec<Box<DeadLetter>>,
     /// A dead letter was dropped: settles from then on are not committed,
     /// so their events (and that dead letter) come back after a restart.
@@ -569,6 +583,8 @@ struct Writer {
     /// When the oldest commit not yet fsynced was made.
     undurable_since: Option<Instant>,
     last_maintenance: Instant,
+    /// Shut down: the file is closed, every later command is refused.
+    stopped: bool,
 }
 
 impl Writer {
@@ -577,6 +593,8 @@ impl Writer {
             shared,
             rx,
             held_settles: VecDeque::new(),
+            unsynced_settles: VecDeque::new(),
+            unsynced_delta: 0,
             held_dead: Vec::new(),
             dead_overflowed: false,
             refused: Vec::new(),
@@ -585,6 +603,7 @@ impl Writer {
             undurable_since: None,
             // The first look (compaction after a backlog) soon after start.
             last_maintenance: Instant::now() - MAINTENANCE_EVERY + Duration::from_millis(200),
+            stopped: false,
         }
     }
 
@@ -627,6 +646,9 @@ impl Writer {
             if !group.is_empty() || due || retry_due {
                 self.process(std::mem::take(&mut group), due);
                 group = Vec::with_capacity(MAX_GROUP);
+                if self.stopped {
+                    return;
+                }
             } else if self.last_maintenance.elapsed() >= MAINTENANCE_EVERY {
                 self.last_maintenance = Instant::now();
                 self.maintain();
@@ -677,6 +699,7 @@ impl Writer {
         let mut replays = Vec::new();
         let mut prunes = Vec::new();
         let mut syncs = Vec::new();
+        let mut shutdown = None;
         for cmd in group {
             match cmd {
                 Cmd::Append { id, body, reply } => appends.push((id, body, reply)),
@@ -685,8 +708,31 @@ impl Writer {
                 Cmd::Replay { ids, reply } => replays.push((ids, reply)),
                 Cmd::Prune { older_than_unix } => prunes.push(older_than_unix),
                 Cmd::Sync(reply) => syncs.push(reply),
+                Cmd::Shutdown(reply) => shutdown = Some(reply),
             }
         }
+        if let Some(reply) = shutdown {
+            self.retry_at = None;
+            self.commit_or_refuse(appends, replays, prunes, syncs, true);
+            self.close_db();
+            self.stopped = true;
+            let _ = reply.send(());
+            return;
+        }
+        self.commit_or_refuse(appends, replays, prunes, syncs, force_durable);
+    }
+
+    fn commit_or_refuse(
+        &mut self,
+        appends: Vec<(String, Box<RawValue>, AppendReply)>,
+        replays: Vec<(
+            Option<Vec<u64>>,
+            oneshot::Sender<Result<usize, JournalError>>,
+        )>,
+        prunes: Vec<u64>,
+        syncs: Vec<oneshot::Sender<Result<(), JournalError>>>,
+        force_durable: bool,
+    ) {
         let waiting = self.retry_at.is_some_and(|t| Instant::now() < t);
         let db = if waiting {
             None
@@ -727,7 +773,16 @@ impl Writer {
                         Ordering::Relaxed,
                     );
                 }
-                self.held_settles.clear();
+                if durable {
+                    self.unsynced_settles.clear();
+                    self.unsynced_delta = 0;
+                    self.held_settles.clear();
+                } else {
+                    self.unsynced_delta += delta;
+                    // Lost if the file must be reopened before the next
+                    // durable commit: kept until then.
+                    self.unsynced_settles.extend(self.held_settles.drain(..));
+                }
                 self.held_dead.clear();
                 self.undurable_since = if durable {
                     None
@@ -758,6 +813,20 @@ impl Writer {
                         self.refused.push((id.clone(), *seq));
                     }
                 }
+                // Settles committed without an fsync since the last durable
+                // commit are rolled back by the reopen: commit them again.
+                let undone = std::mem::take(&mut self.unsynced_delta);
+                if undone < 0 {
+                    self.shared
+                        .pending
+                        .fetch_add(undone.unsigned_abs(), Ordering::Relaxed);
+                }
+                let mut settles = std::mem::take(&mut self.unsynced_settles);
+                settles.extend(self.held_settles.drain(..));
+                while settles.len() > MAX_HELD_SETTLES {
+                    settles.pop_front();
+                }
+                self.held_settles = settles;
                 self.failed(fault);
                 self.refuse(appends, replays, syncs);
             }

@@ -22,7 +22,7 @@ use crate::settle::EventMeta;
 use crate::telemetry::Metrics;
 use broker::{BrokerError, BrokerLink};
 use journal::{unix_now, DeadLetter, Journal, Record};
-use journal::{Appended, JournalError};
+use journal::{Appended, JournalError, JournalHealth};
 
 /// Where the webhook endpoint puts an accepted event.
 #[derive(Clone)]
@@ -62,8 +62,25 @@ impl Intake {
     /// Why events cannot be accepted and dispatched now, if so.
     pub fn not_ready(&self) -> Option<String> {
         match self {
-            Intake::Journal(_) => None,
+            Intake::Journal(j) => match j.health() {
+                JournalHealth::Ok => None,
+                JournalHealth::Failing(r) | JournalHealth::Broken(r) => {
+                    Some(format!("journal: {r}"))
+                }
+            },
             Intake::Broker(b) if !b.is_connected() => Some("broker unreachable".to_owned()),
+            Intake::Broker(_) => None,
+        }
+    }
+
+    /// Why the process should be restarted, if so: a journal that cannot be
+    /// reopened.
+    pub fn broken(&self) -> Option<String> {
+        match self {
+            Intake::Journal(j) => match j.health() {
+                JournalHealth::Broken(r) => Some(format!("journal: {r}")),
+                _ => None,
+            },
             Intake::Broker(_) => None,
         }
     }

@@ -236,8 +236,14 @@ async fn post_event(
         }
         Err(e) => {
             reject("unavailable");
-            if !matches!(e, IntakeError::Journal(JournalError::Busy)) {
-                tracing::error!(error = %e, "cannot store an event");
+            match e {
+                IntakeError::Journal(JournalError::Busy) => {}
+                // The journal logs when its writes start and stop failing;
+                // one line per refused request would fill a full disk more.
+                IntakeError::Journal(JournalError::Storage(_)) => {
+                    tracing::debug!(error = %e, "cannot store an event")
+                }
+                _ => tracing::error!(error = %e, "cannot store an event"),
             }
             let mut r = problem(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -254,7 +260,10 @@ async fn post_event(
 
 async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
     match &state.intake {
-        Intake::Journal(j) => state.metrics.set_journal_events(j.pending()),
+        Intake::Journal(j) => {
+            state.metrics.set_journal_events(j.pending());
+            state.metrics.set_journal_storage(&j.stats());
+        }
         Intake::Broker(b) => state.metrics.set_broker_connected(b.is_connected()),
     }
     HttpResponse::Ok()
@@ -262,8 +271,16 @@ async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "alive"}))
+/// Alive unless the journal cannot be reopened: then a restart (or an
+/// operator) is needed, so the orchestrator is told.
+async fn healthz(state: web::Data<HttpState>) -> HttpResponse {
+    match state.intake.broken() {
+        None => HttpResponse::Ok().json(json!({"status": "alive"})),
+        Some(reason) => HttpResponse::ServiceUnavailable().json(json!({
+            "status": "broken",
+            "reason": reason,
+        })),
+    }
 }
 
 async fn readyz(state: web::Data<HttpState>) -> HttpResponse {

@@ -7,6 +7,7 @@ mod binary;
 mod client;
 mod emulator;
 mod helpers;
+mod journal;
 mod pipeline;
 mod restore;
 mod usersig;
