@@ -101,6 +101,11 @@ pub struct DeadLetter {
 }
 
 type AppendReply = oneshot::Sender<Result<Appended, JournalError>>;
+/// Which dead letters to replay, and where to say how many were.
+type ReplayCmd = (
+    Option<Vec<u64>>,
+    oneshot::Sender<Result<usize, JournalError>>,
+);
 
 enum Cmd {
     Append {
@@ -570,7 +575,7 @@ struct Writer {
     unsynced_settles: VecDeque<u64>,
     /// What those commits took off `pending`.
     unsynced_delta: i64,
-    held_dead: Vec<Box<DeadLetter>>,
+    held_dead: Vec<DeadLetter>,
     /// A dead letter was dropped: settles from then on are not committed,
     /// so their events (and that dead letter) come back after a restart.
     dead_overflowed: bool,
@@ -585,6 +590,8 @@ struct Writer {
     last_maintenance: Instant,
     /// Shut down: the file is closed, every later command is refused.
     stopped: bool,
+    /// The file was unlinked while open: broken until a restart.
+    file_removed: bool,
 }
 
 impl Writer {
@@ -604,6 +611,7 @@ impl Writer {
             // The first look (compaction after a backlog) soon after start.
             last_maintenance: Instant::now() - MAINTENANCE_EVERY + Duration::from_millis(200),
             stopped: false,
+            file_removed: false,
         }
     }
 
@@ -679,7 +687,7 @@ impl Writer {
         self.held_settles.push_back(seq);
     }
 
-    fn hold_dead(&mut self, dl: Box<DeadLetter>) {
+    fn hold_dead(&mut self, dl: DeadLetter) {
         if self.held_dead.len() >= MAX_HELD_DEAD {
             if !self.dead_overflowed {
                 tracing::error!(
@@ -704,7 +712,7 @@ impl Writer {
             match cmd {
                 Cmd::Append { id, body, reply } => appends.push((id, body, reply)),
                 Cmd::Settle(seq) => self.hold_settle(seq),
-                Cmd::DeadLetter(dl) => self.hold_dead(dl),
+                Cmd::DeadLetter(dl) => self.hold_dead(*dl),
                 Cmd::Replay { ids, reply } => replays.push((ids, reply)),
                 Cmd::Prune { older_than_unix } => prunes.push(older_than_unix),
                 Cmd::Sync(reply) => syncs.push(reply),
@@ -725,10 +733,7 @@ impl Writer {
     fn commit_or_refuse(
         &mut self,
         appends: Vec<(String, Box<RawValue>, AppendReply)>,
-        replays: Vec<(
-            Option<Vec<u64>>,
-            oneshot::Sender<Result<usize, JournalError>>,
-        )>,
+        replays: Vec<ReplayCmd>,
         prunes: Vec<u64>,
         syncs: Vec<oneshot::Sender<Result<(), JournalError>>>,
         force_durable: bool,
@@ -790,7 +795,9 @@ impl Writer {
                     self.undurable_since.or(Some(Instant::now()))
                 };
                 self.backoff = BACKOFF_MIN;
-                self.shared.set_health(JournalHealth::Ok);
+                if !self.file_removed {
+                    self.shared.set_health(JournalHealth::Ok);
+                }
                 for ((_, _, reply), r) in appends.into_iter().zip(results) {
                     let _ = reply.send(Ok(r));
                 }
@@ -837,10 +844,7 @@ impl Writer {
     fn refuse(
         &self,
         appends: Vec<(String, Box<RawValue>, AppendReply)>,
-        replays: Vec<(
-            Option<Vec<u64>>,
-            oneshot::Sender<Result<usize, JournalError>>,
-        )>,
+        replays: Vec<ReplayCmd>,
         syncs: Vec<oneshot::Sender<Result<(), JournalError>>>,
     ) {
         let reason = match &*self.shared.health.lock() {
@@ -975,10 +979,7 @@ impl Writer {
         db: &Database,
         appends: &[(String, Box<RawValue>, AppendReply)],
         results: &mut Vec<Appended>,
-        replays: &[(
-            Option<Vec<u64>>,
-            oneshot::Sender<Result<usize, JournalError>>,
-        )],
+        replays: &[ReplayCmd],
         replayed: &mut Vec<usize>,
         prunes: &[u64],
         durable: bool,
@@ -1002,7 +1003,7 @@ impl Writer {
                         meta.insert("next_dead", dl.id + 1)?;
                     }
                 }
-                let bytes = serde_json::to_vec(&**dl).expect("dead letters serialize");
+                let bytes = serde_json::to_vec(&*dl).expect("dead letters serialize");
                 dead.insert(dl.id, bytes.as_slice())?;
             }
             for seq in &self.held_settles {
@@ -1082,6 +1083,7 @@ impl Writer {
             if e.kind() == std::io::ErrorKind::NotFound {
                 // Writes go on into the unlinked file, and would be lost on
                 // the next start: say so loudly.
+                self.file_removed = true;
                 self.shared.set_health(JournalHealth::Broken(format!(
                     "{} was removed while in use; restart to recreate it",
                     self.shared.path.display()
@@ -1216,9 +1218,8 @@ mod tests {
             let first = j.read_from(0, 10).await.unwrap();
             j.settle(first[0].0);
             j.sync().await.unwrap();
+            j.shutdown().await;
         }
-        // The writer thread ends with the last handle; give it a moment.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let j = Journal::open(dir.path()).unwrap();
         let left = j.read_from(0, 10).await.unwrap();
         assert_eq!(left.len(), 1);
@@ -1352,5 +1353,39 @@ mod tests {
         let e = Journal::open(dir.path()).unwrap_err().to_string();
         assert!(e.contains(&file.display().to_string()), "{e}");
         assert_eq!(e.lines().count(), 1, "{e}");
+    }
+    #[tokio::test]
+    async fn the_file_shrinks_once_a_backlog_has_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let file = dir.path().join("journal.redb");
+        let body = raw(&format!(r#"{{"pad":"{}"}}"#, "p".repeat(2000)));
+        let appends = (0..6000).map(|i| {
+            let (j, body) = (j.clone(), body.clone());
+            async move { j.append(&format!("b-{i}"), body).await.unwrap() }
+        });
+        let seqs: Vec<Appended> = futures_util::future::join_all(appends).await;
+        let backlog = std::fs::metadata(&file).unwrap().len();
+        assert!(backlog > COMPACT_MIN_BYTES, "{backlog} bytes");
+        for a in seqs {
+            if let Appended::New(seq) = a {
+                j.settle(seq);
+            }
+        }
+        j.sync().await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = std::fs::metadata(&file).unwrap().len();
+            if now < backlog / 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still {now} bytes of {backlog}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(j.pending(), 0);
+        assert!(matches!(
+            j.append("after", raw("{}")).await.unwrap(),
+            Appended::New(_)
+        ));
     }
 }

@@ -385,9 +385,13 @@ async fn sigkill_while_the_disk_is_full_loses_nothing_that_got_202() {
     );
     child.0.kill().expect("SIGKILL");
     child.0.wait().unwrap();
-    std::fs::remove_file(&filler).unwrap();
 
-    let (mut child, _) = start_serve_with_journal(dir.path(), &disk.join("journal"), &up, 50);
+    // Started on the still full disk: it serves, and drains what it holds.
+    let (mut child, port) = start_serve_with_journal(dir.path(), &disk.join("journal"), &up, 50);
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
     let check = accepted.clone();
     eventually(
         30,
@@ -398,6 +402,17 @@ async fn sigkill_while_the_disk_is_full_loses_nothing_that_got_202() {
         },
     )
     .await;
+    std::fs::remove_file(&filler).unwrap();
+    let ev =
+        json!({"type": "user.banned", "data": {"user_id": "late", "channels": ["@TOA#_full"]}});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while post(port, "full-late", &ev).await != 202 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 202 within 5 s of space returning"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     umount(&disk);
