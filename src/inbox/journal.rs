@@ -1388,4 +1388,21 @@ mod tests {
             Appended::New(_)
         ));
     }
+    #[tokio::test]
+    async fn a_journal_directory_removed_while_in_use_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let j = Journal::open(&path).unwrap();
+        j.append("a", raw("{}")).await.unwrap();
+        std::fs::remove_dir_all(&path).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(j.health(), JournalHealth::Broken(ref r) if r.contains("removed")) {
+            assert!(Instant::now() < deadline, "{:?}", j.health());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Writes into the unlinked file still work, but the state stays
+        // broken: they would be lost on restart.
+        j.append("b", raw("{}")).await.unwrap();
+        assert!(matches!(j.health(), JournalHealth::Broken(_)));
+    }
 }
