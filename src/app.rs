@@ -80,9 +80,9 @@ impl Application {
             );
             (BrokerInbox::new(link), None)
         } else {
-            let journal = Journal::open(&settings.journal.path).with_context(|| {
-                format!("opening the journal in {}", settings.journal.path.display())
-            })?;
+            // Its error is one line naming the file and what to do.
+            let journal =
+                Journal::open_with(&settings.journal.path, settings.journal.faults.clone())?;
             spawn_id_pruning(journal.clone(), intake_stop.clone());
             (Arc::new(journal.clone()), Some(journal))
         };

@@ -242,12 +242,18 @@ impl AmqpSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct JournalSettings {
     pub path: PathBuf,
+    /// Test hook: storage faults injected under the journal file. Never
+    /// read from configuration.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub faults: Option<crate::inbox::faults::StorageFaults>,
 }
 
 impl Default for JournalSettings {
     fn default() -> Self {
         JournalSettings {
             path: PathBuf::from("data"),
+            faults: None,
         }
     }
 }

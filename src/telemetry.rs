@@ -7,8 +7,8 @@
 use std::io::IsTerminal;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -58,6 +58,9 @@ pub struct Metrics {
     channel_subscribers: IntGaugeVec,
     events_duplicate: IntCounterVec,
     broker_connected: IntGauge,
+    journal_write_errors: IntCounter,
+    journal_file_bytes: IntGauge,
+    journal_free_bytes: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -197,6 +200,24 @@ impl Metrics {
             "1 while the RabbitMQ connection is up (broker mode); 0 otherwise.",
         );
 
+        let journal_write_errors = register(
+            &r,
+            IntCounter::new(
+                "journal_write_errors_total",
+                "Journal commits and reopens that failed (no space, I/O errors, ...).",
+            ),
+        );
+        let journal_file_bytes = gauge(
+            &r,
+            "journal_file_bytes",
+            "Size of the embedded journal's file.",
+        );
+        let journal_free_bytes = gauge(
+            &r,
+            "journal_filesystem_free_bytes",
+            "Space available to the service on the journal's filesystem.",
+        );
+
         let m = Metrics {
             registry: r,
             events_received,
@@ -214,6 +235,9 @@ impl Metrics {
             channel_subscribers,
             events_duplicate,
             broker_connected,
+            journal_write_errors,
+            journal_file_bytes,
+            journal_free_bytes,
         };
         let types: Vec<&str> = event_types.into_iter().collect();
         for source in Source::ALL {
@@ -325,6 +349,19 @@ impl Metrics {
         self.channel_subscribers
             .with_label_values(&[channel])
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The journal's storage, as read at scrape time.
+    /// `write_errors` is the journal's running count since start.
+    pub fn set_journal_storage(&self, write_errors: u64, file_bytes: u64, free_bytes: u64) {
+        let seen = self.journal_write_errors.get();
+        if write_errors > seen {
+            self.journal_write_errors.inc_by(write_errors - seen);
+        }
+        self.journal_file_bytes
+            .set(i64::try_from(file_bytes).unwrap_or(i64::MAX));
+        self.journal_free_bytes
+            .set(i64::try_from(free_bytes).unwrap_or(i64::MAX));
     }
 
     pub fn set_journal_events(&self, n: u64) {

@@ -11,7 +11,7 @@ use futures_util::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use super::journal::{Appended, Journal, Record};
+use super::journal::{Appended, Journal, JournalHealth, Record};
 use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
 use crate::domain::clock::instant_of;
 use crate::domain::{DeadLetter, DeadLetterSink, Source};
@@ -159,11 +159,23 @@ impl Inbox for Journal {
     }
 
     fn not_ready(&self) -> Option<String> {
-        None
+        match self.health() {
+            JournalHealth::Ok => None,
+            JournalHealth::Failing(r) | JournalHealth::Broken(r) => Some(format!("journal: {r}")),
+        }
+    }
+
+    fn broken(&self) -> Option<String> {
+        match self.health() {
+            JournalHealth::Broken(r) => Some(format!("journal: {r}")),
+            _ => None,
+        }
     }
 
     fn observe(&self, metrics: &Metrics) {
         metrics.set_journal_events(self.pending());
+        let s = self.stats();
+        metrics.set_journal_storage(s.write_errors, s.file_bytes, s.free_bytes);
     }
 
     fn close_intake(&self) {
@@ -173,8 +185,9 @@ impl Inbox for Journal {
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
             if let Err(e) = self.sync().await {
-                tracing::warn!(error = %e, "journal not synced at shutdown");
+                tracing::warn!(error = %e, "journal not synced at shutdown; its last settles replay on start");
             }
+            self.shutdown().await;
         }
         .boxed()
     }

@@ -13,6 +13,8 @@ pub mod broker;
 pub mod consumer;
 pub mod dead_letters;
 pub mod embedded;
+#[doc(hidden)]
+pub mod faults;
 pub mod journal;
 pub mod lease;
 
@@ -112,6 +114,12 @@ pub trait Inbox: DeadLetterSink + Send + Sync + 'static {
 
     /// Why events cannot be accepted now, if so.
     fn not_ready(&self) -> Option<String>;
+
+    /// Why the process should be restarted, if so (a journal that cannot be
+    /// reopened): `/healthz` fails so the orchestrator is told.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 
     /// Brings this inbox's gauges up to date (at each scrape).
     fn observe(&self, metrics: &Metrics);

@@ -16,6 +16,7 @@ use crate::dispatch::Circuit;
 use crate::domain::clock::unix_now;
 use crate::domain::{RejectReason, Source};
 use crate::event::{Event, ParseError};
+use crate::inbox::journal::JournalError;
 use crate::inbox::{Inbox, InboxError, Stored};
 use crate::rules::{RuleError, Rules};
 use crate::sweep::Sweeps;
@@ -251,8 +252,14 @@ async fn accept(
             Ok(HttpResponse::Ok().json(json!({"status": "duplicate", "id": id})))
         }
         Err(e) => {
-            if !e.is_busy() {
-                tracing::error!(error = %e, "cannot store an event");
+            match e {
+                e if e.is_busy() => {}
+                // The journal logs when its writes start and stop failing;
+                // one line per refused request would fill a full disk more.
+                InboxError::Journal(JournalError::Storage(_)) => {
+                    tracing::debug!(error = %e, "cannot store an event")
+                }
+                e => tracing::error!(error = %e, "cannot store an event"),
             }
             Err(WebhookError::Unavailable)
         }
@@ -266,8 +273,16 @@ async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
         .body(state.metrics.render())
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "alive"}))
+/// Alive unless the journal cannot be reopened: then a restart (or an
+/// operator) is needed, so the orchestrator is told.
+async fn healthz(state: web::Data<HttpState>) -> HttpResponse {
+    match state.inbox.broken() {
+        None => HttpResponse::Ok().json(json!({"status": "alive"})),
+        Some(reason) => HttpResponse::ServiceUnavailable().json(json!({
+            "status": "broken",
+            "reason": reason,
+        })),
+    }
 }
 
 async fn readyz(state: web::Data<HttpState>) -> HttpResponse {

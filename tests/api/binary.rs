@@ -26,6 +26,20 @@ fn start_serve_with(
     linger_ms: u64,
     env: &[(&str, &str)],
 ) -> (Child, u16) {
+    start_serve_full(dir, upstream, linger_ms, &dir.join("journal"), env)
+}
+
+fn start_serve_at(dir: &Path, upstream: &str, linger_ms: u64, journal: &Path) -> (Child, u16) {
+    start_serve_full(dir, upstream, linger_ms, journal, &[])
+}
+
+fn start_serve_full(
+    dir: &Path,
+    upstream: &str,
+    linger_ms: u64,
+    journal: &Path,
+    env: &[(&str, &str)],
+) -> (Child, u16) {
     let mut child = Command::new(BIN)
         .arg("serve")
         .envs(env.iter().copied())
@@ -35,7 +49,7 @@ fn start_serve_with(
         .env("CHAT_JANITOR__EMULATOR__EMBEDDED", "false")
         .env("CHAT_JANITOR__TENCENT__BASE_URL", upstream)
         .env("CHAT_JANITOR__TENCENT__SECRET_KEY", KEY)
-        .env("CHAT_JANITOR__JOURNAL__PATH", dir.join("journal"))
+        .env("CHAT_JANITOR__JOURNAL__PATH", journal)
         .env(
             "CHAT_JANITOR__WEBHOOK__SECRETS",
             format!("{SECRET},{ROTATED_SECRET}"),
@@ -383,4 +397,152 @@ async fn send_signs_and_posts_an_event() {
     })
     .await;
     app.stop().await;
+}
+
+/// Runs `serve` with its journal in `journal`, expecting it to exit at
+/// start; returns its exit code and stderr.
+fn serve_exits(dir: &Path, journal: &Path) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir)
+        .env("RUST_LOG", "warn")
+        .env("CHAT_JANITOR__SERVER__LISTEN", "127.0.0.1:0")
+        .env("CHAT_JANITOR__EMULATOR__EMBEDDED", "false")
+        .env("CHAT_JANITOR__TENCENT__SECRET_KEY", KEY)
+        .env("CHAT_JANITOR__JOURNAL__PATH", journal)
+        .env("CHAT_JANITOR__WEBHOOK__SECRETS", SECRET)
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8(out.stderr).unwrap())
+}
+
+#[test]
+fn a_corrupt_journal_exits_1_with_one_line_naming_it() {
+    let dir = temp_dir();
+    let journal = dir.path().join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    let file = journal.join("journal.redb");
+    std::fs::write(&file, vec![0xA5u8; 64 * 1024]).unwrap();
+    let (code, err) = serve_exits(dir.path(), &journal);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+    assert!(err.contains("move it aside"), "{err}");
+}
+
+/// Mounts a tmpfs at `at` (CI runs as root); `false` where not permitted.
+fn mount_tmpfs(at: &Path, options: &str) -> bool {
+    std::fs::create_dir_all(at).unwrap();
+    Command::new("mount")
+        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+        .arg(at)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn umount(at: &Path) {
+    let _ = Command::new("umount").arg(at).status();
+}
+
+#[test]
+fn an_unwritable_journal_directory_exits_1_with_one_line_naming_it() {
+    let dir = temp_dir();
+    let ro = dir.path().join("ro");
+    // Root ignores permission bits: a read-only filesystem is what refuses
+    // root too.
+    if !mount_tmpfs(&ro, "size=1m,ro") {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let journal = ro.join("journal");
+    let (code, err) = serve_exits(dir.path(), &journal);
+    umount(&ro);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&journal.display().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn sigkill_while_the_disk_is_full_loses_nothing_that_got_202() {
+    let dir = temp_dir();
+    let disk = dir.path().join("disk");
+    if !mount_tmpfs(&disk, "size=4m") {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let up = TestUpstream::start().await;
+    let members = users("full", 400);
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new("@TOA#_full", members.clone())],
+        ..Seed::default()
+    });
+    let mut child = start_serve_with_journal(dir.path(), &disk.join("journal"), &up, 60_000);
+    let port = child.1;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    // Fill the filesystem, leaving the journal no room to grow.
+    let filler = disk.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    for u in &members {
+        let ev = json!({"type": "user.banned", "data": {"user_id": u, "channels": ["@TOA#_full"]}});
+        match post(port, &format!("full-{u}"), &ev).await {
+            202 => accepted.push(u.clone()),
+            503 => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "the disk never filled ({} accepted)",
+        accepted.len()
+    );
+    child.0.kill().expect("SIGKILL");
+    child.0.wait().unwrap();
+
+    // Started on the still full disk: it serves, and drains what it holds.
+    let (mut child, port) = start_serve_with_journal(dir.path(), &disk.join("journal"), &up, 50);
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let check = accepted.clone();
+    eventually(
+        30,
+        "every 202'd event applied after the restart",
+        || async {
+            let left = up.emulator.subscribers("@TOA#_full").unwrap();
+            check.iter().all(|u| !left.contains(u))
+        },
+    )
+    .await;
+    std::fs::remove_file(&filler).unwrap();
+    let ev =
+        json!({"type": "user.banned", "data": {"user_id": "late", "channels": ["@TOA#_full"]}});
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while post(port, "full-late", &ev).await != 202 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 202 within 5 s of space returning"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    umount(&disk);
+}
+
+fn start_serve_with_journal(
+    dir: &Path,
+    journal: &Path,
+    up: &TestUpstream,
+    linger_ms: u64,
+) -> (Child, u16) {
+    start_serve_at(dir, &up.running.base_url(), linger_ms, journal)
 }

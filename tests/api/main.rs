@@ -8,6 +8,7 @@ mod client;
 mod dead_log;
 mod emulator;
 mod helpers;
+mod journal;
 mod lease;
 mod pipeline;
 mod restore;

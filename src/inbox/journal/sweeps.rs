@@ -20,7 +20,7 @@ impl Journal {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, JournalError> + Send + 'static,
     ) -> Result<T, JournalError> {
-        let db = self.inner.db.clone();
+        let db = self.db()?;
         tokio::task::spawn_blocking(move || {
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate)
@@ -85,7 +85,7 @@ impl Journal {
     /// Every stored sweep record, in id order, with the deny list of those
     /// that still have one.
     pub async fn sweeps(&self) -> Result<Vec<(u64, Vec<u8>, Option<Vec<u8>>)>, JournalError> {
-        let db = self.inner.db.clone();
+        let db = self.db()?;
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read()?;
             let sweeps = match txn.open_table(SWEEPS) {
