@@ -11,6 +11,7 @@ mod helpers;
 mod journal;
 mod lease;
 mod pipeline;
+mod replicas;
 mod restore;
 mod sweep;
 mod usersig;
