@@ -13,11 +13,13 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::dispatch::Active;
 use crate::domain::clock::unix_now;
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
 use crate::inbox::broker::BrokerLink;
 use crate::inbox::consumer::BrokerInbox;
 use crate::inbox::journal::Journal;
+use crate::inbox::lease::{LeaderLease, LeaseHandle};
 use crate::inbox::Inbox;
 use crate::ingest::http::{self, HttpState};
 use crate::ingest::signature::Verifier;
@@ -39,6 +41,8 @@ pub struct Application {
     inbox: Arc<dyn Inbox>,
     /// Embedded mode's journal (tests reach its storage through it).
     journal: Option<Journal>,
+    /// Broker mode's dispatch lease, released only once everything drained.
+    lease: Option<LeaseHandle>,
     handles: PipelineHandles,
     intake_stop: CancellationToken,
     intake_task: tokio::task::JoinHandle<()>,
@@ -72,13 +76,28 @@ impl Application {
         let client = Arc::new(TencentClient::new(client_opts).context("building the HTTP client")?);
 
         let intake_stop = CancellationToken::new();
+        let mut lease = None;
+        let mut active = Active::always();
+        metrics.set_dispatch_active(true);
         let (inbox, journal): (Arc<dyn Inbox>, Option<Journal>) = if settings.amqp.enabled() {
             let link = BrokerLink::new(
                 settings.amqp.url.clone(),
                 settings.amqp.queue.clone(),
                 settings.amqp.prefetch,
+                settings.amqp.heartbeat_seconds,
             );
-            (BrokerInbox::new(link), None)
+            let handle = LeaderLease::start(
+                settings.amqp.url.clone(),
+                &settings.amqp.queue,
+                settings.amqp.heartbeat_seconds,
+                CancellationToken::new(),
+            );
+            active = follow_lease(&handle, metrics.clone());
+            lease = Some(handle);
+            (
+                BrokerInbox::new(link, active.clone(), metrics.clone()),
+                None,
+            )
         } else {
             // Its error is one line naming the file and what to do.
             let journal =
@@ -90,6 +109,7 @@ impl Application {
             &settings.batching,
             &settings.dispatch,
             settings.tencent.requests_per_second,
+            active.clone(),
             client,
             inbox.clone(),
             metrics.clone(),
@@ -157,6 +177,7 @@ impl Application {
             server,
             inbox,
             journal,
+            lease,
             handles,
             intake_stop,
             intake_task,
@@ -201,6 +222,10 @@ impl Application {
         let _ = self.intake_task.await;
         self.handles.drain(SHUTDOWN_GRACE).await;
         self.inbox.close().await;
+        // Only now may another replica dispatch: nothing of ours is left.
+        if let Some(lease) = self.lease {
+            lease.release().await;
+        }
         if let Some(e) = self.emulator {
             e.stop().await;
         }
@@ -253,4 +278,43 @@ async fn start_demo_emulator(settings: &Settings) -> anyhow::Result<RunningEmula
     let listener = TcpListener::bind(settings.emulator.listen)
         .with_context(|| format!("binding emulator.listen {}", settings.emulator.listen))?;
     Ok(emulator.serve(listener).await?)
+}
+
+/// Follows the dispatch lease: `Active` for the pipeline (from when it was
+/// gained), and the `dispatch_active` gauge.
+fn follow_lease(lease: &LeaseHandle, metrics: Metrics) -> Active {
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let mut leadership = lease.watch();
+    tokio::spawn(async move {
+        loop {
+            let leader = leadership.borrow_and_update().is_leader();
+            let changed = tx.send_if_modified(|since| match (leader, since.is_some()) {
+                (true, false) => {
+                    *since = Some(tokio::time::Instant::now());
+                    true
+                }
+                (false, true) => {
+                    *since = None;
+                    true
+                }
+                _ => false,
+            });
+            metrics.set_dispatch_active(leader);
+            if changed {
+                if leader {
+                    tracing::info!(
+                        "this replica holds the dispatch lease: it consumes and dispatches"
+                    );
+                } else {
+                    tracing::warn!("this replica no longer holds the dispatch lease: standing by");
+                }
+            }
+            if leadership.changed().await.is_err() {
+                tx.send_replace(None);
+                metrics.set_dispatch_active(false);
+                return;
+            }
+        }
+    });
+    Active::following(rx)
 }

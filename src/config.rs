@@ -220,6 +220,10 @@ pub struct AmqpSettings {
     pub url: SecretString,
     pub queue: String,
     pub prefetch: u16,
+    /// AMQP heartbeat proposed to the broker: a replica that stops
+    /// answering (paused, cut off) loses its connections, and with them the
+    /// dispatch lease, within about two intervals.
+    pub heartbeat_seconds: u16,
 }
 
 impl Default for AmqpSettings {
@@ -228,6 +232,7 @@ impl Default for AmqpSettings {
             url: SecretString::from(""),
             queue: "chat-janitor.events".into(),
             prefetch: 2000,
+            heartbeat_seconds: 10,
         }
     }
 }
@@ -541,6 +546,9 @@ impl Settings {
         }
         if self.amqp.prefetch == 0 {
             return bad("amqp.prefetch", "must be at least 1");
+        }
+        if !(1..=300).contains(&self.amqp.heartbeat_seconds) {
+            return bad("amqp.heartbeat_seconds", "must be between 1 and 300");
         }
         if self.journal.path.as_os_str().is_empty() {
             return bad("journal.path", "must not be empty");

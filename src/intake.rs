@@ -111,7 +111,7 @@ fn dead_letter(metrics: &Metrics, delivery: Delivery, u: Unplanned) {
     tracing::warn!(id = %delivery.id, reason = %u.reason, detail = %u.detail, "event not turned into actions");
     let body = body_of(delivery.content);
     let dl = DeadLetter::new(&delivery.id, &u.kind, &body, None, u.reason, u.detail);
-    delivery.receipt.dead_lettered(dl);
+    delivery.receipt.dead_lettered(dl, body);
 }
 
 /// The event document a delivery carries.

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::coalesce::{Backlog, Coalescer, Input, Item};
 use crate::config::{BatchingSettings, DispatchSettings};
-use crate::dispatch::{Dispatcher, Upstream};
+use crate::dispatch::{Active, Dispatcher, Upstream};
 use crate::domain::{Action, DeadLetterSink};
 use crate::settle::{EventMeta, Origin};
 use crate::telemetry::Metrics;
@@ -80,6 +80,7 @@ impl Pipeline {
         batching: &BatchingSettings,
         d: &DispatchSettings,
         requests_per_second: u32,
+        active: Active,
         client: Arc<TencentClient>,
         dead: Arc<dyn DeadLetterSink>,
         metrics: Metrics,
@@ -93,6 +94,7 @@ impl Pipeline {
             client,
             requests_per_second,
             d.clone(),
+            active,
             metrics.clone(),
             hard_stop.clone(),
         );

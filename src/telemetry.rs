@@ -58,6 +58,7 @@ pub struct Metrics {
     channel_subscribers: IntGaugeVec,
     events_duplicate: IntCounterVec,
     broker_connected: IntGauge,
+    dispatch_active: IntGauge,
     journal_write_errors: IntCounter,
     journal_file_bytes: IntGauge,
     journal_free_bytes: IntGauge,
@@ -218,6 +219,12 @@ impl Metrics {
             "Space available to the service on the journal's filesystem.",
         );
 
+        let dispatch_active = gauge(
+            &r,
+            "dispatch_active",
+            "1 on the replica that consumes and dispatches (holds the dispatch lease, or runs embedded); 0 on standbys.",
+        );
+
         let m = Metrics {
             registry: r,
             events_received,
@@ -235,6 +242,7 @@ impl Metrics {
             channel_subscribers,
             events_duplicate,
             broker_connected,
+            dispatch_active,
             journal_write_errors,
             journal_file_bytes,
             journal_free_bytes,
@@ -338,6 +346,10 @@ impl Metrics {
         self.events_duplicate
             .with_label_values(&[source.as_str()])
             .inc();
+    }
+
+    pub fn set_dispatch_active(&self, active: bool) {
+        self.dispatch_active.set(i64::from(active));
     }
 
     pub fn set_broker_connected(&self, up: bool) {

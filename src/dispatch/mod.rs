@@ -3,12 +3,14 @@
 //! until every item in it settles, splitting it in halves when the vendor
 //! refuses it as a whole so the bad account is isolated.
 //!
+//! - `active`: whether this replica is the one that may call upstream;
 //! - `gate`: the per-API limiter, in-flight cap and pause;
 //! - `circuit`: stops everything while our credentials are rejected;
 //! - `retry`: the one classification of failures, and backoff;
 //! - `upstream`: the attempts, for batches and reads alike;
 //! - `settle`: what each item of an answered batch becomes.
 
+mod active;
 mod circuit;
 mod gate;
 mod retry;
@@ -24,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::coalesce::{Backlog, Batch, Input};
 use crate::domain::{DeadLetterSink, ItemResult};
 use crate::telemetry::Metrics;
+pub use active::{Active, HANDOVER_PAUSE};
 pub use circuit::Circuit;
 use retry::{Decision, Retries};
 use settle::Settler;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::active::Active;
 use super::circuit::{Circuit, Pass};
 use super::gate::Gate;
 use super::retry::{Decision, Retries};
@@ -44,6 +45,7 @@ pub struct Upstream {
     client: Arc<TencentClient>,
     gates: HashMap<Api, Gate>,
     circuit: Arc<Circuit>,
+    active: Active,
     metrics: Metrics,
     settings: DispatchSettings,
     stop: CancellationToken,
@@ -55,6 +57,7 @@ impl Upstream {
         client: Arc<TencentClient>,
         requests_per_second: u32,
         settings: DispatchSettings,
+        active: Active,
         metrics: Metrics,
         stop: CancellationToken,
     ) -> Arc<Upstream> {
@@ -70,6 +73,7 @@ impl Upstream {
             client,
             gates,
             circuit,
+            active,
             metrics,
             settings,
             stop,
@@ -84,9 +88,16 @@ impl Upstream {
         &self.settings
     }
 
-    /// One attempt, as every attempt goes: through the circuit, the API's
-    /// in-flight cap and limiter (`on_gate` runs once past them), counted.
-    /// `None` when stopped.
+    /// Whether this replica may call upstream now (it holds the dispatch
+    /// lease, or runs embedded).
+    pub fn is_active(&self) -> bool {
+        self.active.is_active()
+    }
+
+    /// One attempt, as every attempt goes: only while this replica is the
+    /// active dispatcher, through the circuit, the API's in-flight cap and
+    /// limiter (`on_gate` runs once past them), counted. `None` when
+    /// stopped.
     pub(super) async fn attempt<T, F, Fut>(
         &self,
         api: Api,
@@ -98,8 +109,17 @@ impl Upstream {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, ApiError>>,
     {
-        let pass = self.circuit.pass(&self.stop).await?;
-        let permit = self.gates[&api].enter(&self.stop).await?;
+        let (pass, permit) = loop {
+            if !self.active.ready(&self.stop).await {
+                return None;
+            }
+            let pass = self.circuit.pass(&self.stop).await?;
+            let permit = self.gates[&api].enter(&self.stop).await?;
+            // The lease may have gone while this waited for the limiter.
+            if self.active.is_active() {
+                break (pass, permit);
+            }
+        };
         on_gate();
         let started = Instant::now();
         let result = call().await;

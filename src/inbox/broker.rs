@@ -44,6 +44,8 @@ pub enum BrokerError {
     ConfirmTimeout,
     #[error("broker unreachable")]
     Unavailable,
+    #[error("amqp.url: {0}")]
+    Uri(String),
     #[error("broker refused the publish ({0})")]
     Refused(&'static str),
 }
@@ -61,6 +63,7 @@ pub fn dead_queue_name(queue: &str) -> String {
 /// The shared connection and publishing channel, re-established on demand.
 pub struct BrokerLink {
     uri: SecretString,
+    heartbeat_seconds: u16,
     pub queue: String,
     pub prefetch: u16,
     state: tokio::sync::Mutex<Option<Linked>>,
@@ -91,9 +94,15 @@ pub fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
 }
 
 impl BrokerLink {
-    pub fn new(uri: SecretString, queue: String, prefetch: u16) -> Arc<BrokerLink> {
+    pub fn new(
+        uri: SecretString,
+        queue: String,
+        prefetch: u16,
+        heartbeat_seconds: u16,
+    ) -> Arc<BrokerLink> {
         Arc::new(BrokerLink {
             uri,
+            heartbeat_seconds,
             queue,
             prefetch,
             state: tokio::sync::Mutex::new(None),
@@ -121,7 +130,13 @@ impl BrokerLink {
                 std::process::id()
             )))
             .enable_auto_recover();
-        let conn = Connection::connect(self.uri.expose_secret(), props).await?;
+        let mut uri: lapin::uri::AMQPUri = self
+            .uri
+            .expose_secret()
+            .parse()
+            .map_err(|e: String| BrokerError::Uri(e))?;
+        uri.query.heartbeat = Some(self.heartbeat_seconds);
+        let conn = Connection::connect_uri(uri, props).await?;
         declare_topology(&conn, &self.queue).await?;
         let publish = conn.create_channel().await?;
         publish
@@ -202,6 +217,16 @@ impl BrokerLink {
             }
         }
         Ok(true)
+    }
+
+    /// Drops the connection (closing it if it still answers); the next use
+    /// connects anew.
+    pub async fn reset(&self) {
+        let linked = self.state.lock().await.take();
+        if let Some(l) = linked {
+            let close = l.conn.close(200, ShortString::from("dispatch lease lost"));
+            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+        }
     }
 
     /// Closes the connection (unacked deliveries return to the queue).

@@ -6,7 +6,17 @@
 //!
 //! The consumer survives broker restarts: lapin recovers the connection and
 //! its topology; if recovery gives up, this loop reconnects on its own.
+//!
+//! With several replicas on one queue only one consumes: the one holding
+//! the dispatch lease (`lease`). It consumes only while it holds it, and
+//! cancels its consumer the moment it loses it, so its unacked deliveries
+//! go to the next leader. The leader also drops a message id it settled
+//! recently (the last `SETTLED_IDS`, so a repeat published by another
+//! replica or by a producer is not sent again); a failover starts that
+//! window empty. Dead letters are listed and replayed from the
+//! `<queue>.dead-log` stream (`dead_letters`).
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,43 +36,104 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use parking_lot::Mutex;
+use tokio::sync::OnceCell;
+
 use super::broker::{BrokerDeadLetters, BrokerError, BrokerLink};
-use super::{Content, Delivery, Inbox, InboxError, InboxFuture, Settle, Stored};
+use super::dead_letters::{DeadLog, REPLAY_OF_HEADER};
+use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
+use crate::dispatch::Active;
 use crate::domain::{DeadLetter, DeadLetterSink, Source};
 use crate::telemetry::Metrics;
 
 /// Deliveries handed on ahead of the intake loop.
 const HAND_AHEAD: usize = 64;
+/// Message ids the leader remembers as settled, to drop repeats.
+pub const SETTLED_IDS: usize = 100_000;
+
+/// The most recent ids, bounded.
+#[derive(Default)]
+struct RecentIds {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl RecentIds {
+    fn insert(&mut self, id: String) {
+        if self.set.insert(id.clone()) {
+            self.order.push_back(id);
+            if self.order.len() > SETTLED_IDS {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}
 
 /// The broker as an inbox.
 pub struct BrokerInbox {
     link: Arc<BrokerLink>,
     dead: Arc<BrokerDeadLetters>,
+    /// The dead-letter log, declared on first use.
+    dead_log: Arc<OnceCell<DeadLog>>,
     /// The ack tasks, so shutdown can wait for them before closing.
     acks: TaskTracker,
+    /// Whether this replica holds the dispatch lease.
+    active: Active,
+    settled: Arc<Mutex<RecentIds>>,
+    metrics: Metrics,
 }
 
 impl BrokerInbox {
-    pub fn new(link: Arc<BrokerLink>) -> Arc<BrokerInbox> {
+    pub fn new(link: Arc<BrokerLink>, active: Active, metrics: Metrics) -> Arc<BrokerInbox> {
         let dead = BrokerDeadLetters::start(link.clone());
         Arc::new(BrokerInbox {
             link,
             dead,
+            dead_log: Arc::new(OnceCell::new()),
             acks: TaskTracker::new(),
+            active,
+            settled: Arc::default(),
+            metrics,
         })
     }
+
+    async fn log(&self) -> Result<&DeadLog, BrokerError> {
+        declared_log(&self.dead_log, &self.link).await
+    }
+}
+
+async fn declared_log<'a>(
+    cell: &'a OnceCell<DeadLog>,
+    link: &Arc<BrokerLink>,
+) -> Result<&'a DeadLog, BrokerError> {
+    cell.get_or_try_init(|| DeadLog::declare(link.clone()))
+        .await
 }
 
 /// A delivery's settle handle.
 struct Receipt {
+    id: String,
     acker: Acker,
     dead: Arc<BrokerDeadLetters>,
+    dead_log: Arc<OnceCell<DeadLog>>,
+    link: Arc<BrokerLink>,
     acks: TaskTracker,
+    settled: Arc<Mutex<RecentIds>>,
 }
 
 impl Settle for Receipt {
     fn settled(self: Box<Self>) {
-        let Receipt { acker, dead, acks } = *self;
+        let Receipt {
+            id,
+            acker,
+            dead,
+            acks,
+            settled,
+            ..
+        } = *self;
+        settled.lock().insert(id);
         acks.spawn(async move {
             // Dead letters recorded for this event are confirmed first.
             dead.flushed().await;
@@ -75,11 +146,33 @@ impl Settle for Receipt {
         });
     }
 
-    fn dead_lettered(self: Box<Self>, dl: DeadLetter) {
+    fn dead_lettered(self: Box<Self>, dl: DeadLetter, body: Vec<u8>) {
         tracing::warn!(message_id = %dl.event_id, reason = %dl.reason, detail = %dl.detail, "message rejected to the dead-letter queue");
-        let Receipt { acker, acks, .. } = *self;
+        let Receipt {
+            id,
+            acker,
+            dead_log,
+            link,
+            acks,
+            ..
+        } = *self;
         acks.spawn(async move {
-            let _ = acker.reject(BasicRejectOptions { requeue: false }).await;
+            // Listed from the log (the broker's own dead-lettering does not
+            // reach it), then rejected to `<queue>.dead` as before. If the
+            // log cannot be written, the message is left unacked and comes
+            // back: nothing is lost.
+            let logged = match declared_log(&dead_log, &link).await {
+                Ok(log) => log
+                    .record_rejected_raw(Some(&id), &body, dl.reason.as_str())
+                    .await,
+                Err(e) => Err(e),
+            };
+            match logged {
+                Ok(()) => {
+                    let _ = acker.reject(BasicRejectOptions { requeue: false }).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "dead letter not logged; the message will be redelivered"),
+            }
         });
     }
 }
@@ -109,7 +202,11 @@ impl Inbox for BrokerInbox {
         let consumer = Consumer {
             link: self.link.clone(),
             dead: self.dead.clone(),
+            dead_log: self.dead_log.clone(),
             acks: self.acks.clone(),
+            active: self.active.clone(),
+            settled: self.settled.clone(),
+            metrics: self.metrics.clone(),
             tx,
         };
         tokio::spawn(consumer.run(stop));
@@ -120,12 +217,19 @@ impl Inbox for BrokerInbox {
         .boxed()
     }
 
-    fn dead_letters(&self, _limit: usize) -> InboxFuture<'_, Vec<DeadLetter>> {
-        async { Err(InboxError::Unsupported(BROKER_DEAD_LETTERS)) }.boxed()
+    fn dead_letters(&self, limit: usize) -> InboxFuture<'_, Vec<serde_json::Value>> {
+        async move {
+            let list = self.log().await?.list(limit).await?;
+            Ok(list
+                .into_iter()
+                .map(|d| serde_json::to_value(d).unwrap_or_default())
+                .collect())
+        }
+        .boxed()
     }
 
-    fn replay(&self, _ids: Option<Vec<u64>>) -> InboxFuture<'_, usize> {
-        async { Err(InboxError::Unsupported(BROKER_DEAD_LETTERS)) }.boxed()
+    fn replay(&self, ids: Option<Vec<u64>>) -> InboxFuture<'_, usize> {
+        async move { Ok(self.log().await?.replay(ids).await?) }.boxed()
     }
 
     fn not_ready(&self) -> Option<String> {
@@ -149,22 +253,55 @@ impl Inbox for BrokerInbox {
     }
 }
 
-const BROKER_DEAD_LETTERS: &str = "in broker mode dead letters are messages in the queue <amqp.queue>.dead; read or move them with RabbitMQ's tools";
-
 /// The consuming task: one connection at a time, reconnecting with backoff.
 struct Consumer {
     link: Arc<BrokerLink>,
     dead: Arc<BrokerDeadLetters>,
+    dead_log: Arc<OnceCell<DeadLog>>,
     acks: TaskTracker,
+    active: Active,
+    settled: Arc<Mutex<RecentIds>>,
+    metrics: Metrics,
     tx: mpsc::Sender<Delivery>,
+}
+
+/// Why one connection's worth of consuming ended.
+enum Ended {
+    /// Stopped, or the intake loop is gone.
+    Stopped,
+    /// The dispatch lease went to another replica.
+    LeaseLost,
 }
 
 impl Consumer {
     async fn run(self, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
         loop {
+            // Every replica connects (and declares the topology), so a
+            // standby publishes webhooks and is ready; only the replica
+            // holding the dispatch lease consumes.
+            let connected = tokio::select! {
+                c = self.link.connection() => c.map(|_| ()),
+                _ = stop.cancelled() => return,
+            };
+            if let Err(e) = connected {
+                tracing::warn!(error = %e, "broker unreachable; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            if !self.active.held(&stop).await {
+                return;
+            }
             match self.consume_once(&stop).await {
-                Ok(()) => return,
+                Ok(Ended::Stopped) => return,
+                Ok(Ended::LeaseLost) => {
+                    tracing::warn!("dispatch lease lost; consuming stops, unacked deliveries go to the next leader");
+                    backoff = Duration::from_millis(200);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "broker consumer lost; reconnecting");
                     tokio::select! {
@@ -178,14 +315,15 @@ impl Consumer {
     }
 
     /// One connection's worth of consuming: `Ok` when stopped (or the
-    /// intake loop is gone), `Err` when the connection is gone for good.
-    async fn consume_once(&self, stop: &CancellationToken) -> Result<(), lapin::Error> {
+    /// intake loop is gone) or the lease is lost, `Err` when the
+    /// connection is gone for good.
+    async fn consume_once(&self, stop: &CancellationToken) -> Result<Ended, lapin::Error> {
         let conn = tokio::select! {
             c = self.link.connection() => c.map_err(|e| match e {
                 BrokerError::Amqp(e) => e,
                 other => lapin::Error::from(std::io::Error::other(other.to_string())),
             })?,
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return Ok(Ended::Stopped),
         };
         let channel = conn.create_channel().await?;
         channel
@@ -208,13 +346,25 @@ impl Consumer {
                     let _ = channel
                         .basic_cancel(ShortString::from(tag.as_str()), BasicCancelOptions::default())
                         .await;
-                    return Ok(());
+                    return Ok(Ended::Stopped);
+                }
+                _ = self.active.lost() => {
+                    // The whole connection goes, not just the channel: it
+                    // returns the unacked deliveries to the queue for the
+                    // replica that leads now, and lapin's recovery cannot
+                    // bring this consumer back on a recovered connection
+                    // (where nothing would read it).
+                    self.link.reset().await;
+                    return Ok(Ended::LeaseLost);
                 }
             };
             match next {
                 Some(Ok(d)) => {
-                    if self.tx.send(self.delivery(d)).await.is_err() {
-                        return Ok(());
+                    let Some(delivery) = self.delivery(d) else {
+                        continue;
+                    };
+                    if self.tx.send(delivery).await.is_err() {
+                        return Ok(Ended::Stopped);
                     }
                 }
                 Some(Err(e)) => {
@@ -231,24 +381,43 @@ impl Consumer {
         }
     }
 
-    fn delivery(&self, d: AmqpDelivery) -> Delivery {
+    /// The delivery for the intake loop; `None` for a repeat of a message
+    /// settled recently, which is acked at once.
+    fn delivery(&self, d: AmqpDelivery) -> Option<Delivery> {
         let id = match d.properties.message_id() {
             Some(id) if !id.as_str().is_empty() => id.as_str().to_owned(),
             // No id from the producer: the body's hash, so a redelivery of
             // the same message keeps the same id.
             _ => format!("sha256:{:x}", Sha256::digest(&d.data)),
         };
-        Delivery {
-            id,
+        let replayed = d
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(REPLAY_OF_HEADER));
+        if !replayed && self.settled.lock().set.contains(&id) {
+            self.metrics.event_duplicate(Source::Amqp);
+            tracing::debug!(message_id = %id, "repeat of a settled message dropped");
+            self.acks.spawn(async move {
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+            });
+            return None;
+        }
+        Some(Delivery {
+            id: id.clone(),
             source: Source::Amqp,
             count_received: true,
             accepted_at: Instant::now(),
             content: Content::Event(d.data),
             receipt: Box::new(Receipt {
+                id,
                 acker: d.acker,
                 dead: self.dead.clone(),
+                dead_log: self.dead_log.clone(),
+                link: self.link.clone(),
                 acks: self.acks.clone(),
+                settled: self.settled.clone(),
             }),
-        }
+        })
     }
 }

@@ -178,17 +178,27 @@ impl DeadLog {
     /// before the reject; the broker's own dead-lettering does not reach
     /// the stream (see the module docs).
     pub async fn record_rejected(&self, d: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        let id = message_id(d);
+        self.record_rejected_raw(id.as_deref(), &d.data, reason)
+            .await
+    }
+
+    /// `record_rejected` from what a consumer kept of the message: its id
+    /// and body.
+    pub async fn record_rejected_raw(
+        &self,
+        message_id: Option<&str>,
+        body: &[u8],
+        reason: &str,
+    ) -> Result<(), BrokerError> {
         let mut props = BasicProperties::default().with_headers(table(&[(
             REJECTED_HEADER,
             AMQPValue::LongString(LongString::from(reason)),
         )]));
-        if let Some(id) = message_id(d) {
-            props = props.with_message_id(ShortString::from(id.as_str()));
+        if let Some(id) = message_id {
+            props = props.with_message_id(ShortString::from(id));
         }
-        if let Some(ct) = d.properties.content_type() {
-            props = props.with_content_type(ct.clone());
-        }
-        self.link.publish("", &self.log, &d.data, props).await
+        self.link.publish("", &self.log, body, props).await
     }
 
     /// The first `limit` dead letters not replayed yet, oldest first.

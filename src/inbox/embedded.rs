@@ -37,7 +37,7 @@ impl Settle for Entry {
         self.journal.settle(self.seq);
     }
 
-    fn dead_lettered(self: Box<Self>, dl: DeadLetter) {
+    fn dead_lettered(self: Box<Self>, dl: DeadLetter, _body: Vec<u8>) {
         // Ordered before the settle by the journal's single writer.
         self.journal.dead_letter(dl);
         self.journal.settle(self.seq);
@@ -150,8 +150,15 @@ impl Inbox for Journal {
         .boxed()
     }
 
-    fn dead_letters(&self, limit: usize) -> InboxFuture<'_, Vec<DeadLetter>> {
-        async move { Ok(Journal::dead_letters(self, limit).await?) }.boxed()
+    fn dead_letters(&self, limit: usize) -> InboxFuture<'_, Vec<serde_json::Value>> {
+        async move {
+            let list = Journal::dead_letters(self, limit).await?;
+            Ok(list
+                .into_iter()
+                .map(|d| serde_json::to_value(d).unwrap_or_default())
+                .collect())
+        }
+        .boxed()
     }
 
     fn replay(&self, ids: Option<Vec<u64>>) -> InboxFuture<'_, usize> {

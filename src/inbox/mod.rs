@@ -79,8 +79,9 @@ pub enum Content {
 pub trait Settle: Send + 'static {
     /// Every action it produced has settled.
     fn settled(self: Box<Self>);
-    /// It could not be turned into actions: kept as `dl`, never dropped.
-    fn dead_lettered(self: Box<Self>, dl: DeadLetter);
+    /// It could not be turned into actions: kept as `dl` (and `body`, the
+    /// message as it came), never dropped.
+    fn dead_lettered(self: Box<Self>, dl: DeadLetter, body: Vec<u8>);
 }
 
 /// An accepted event on its way into the pipeline.
@@ -106,8 +107,9 @@ pub trait Inbox: DeadLetterSink + Send + Sync + 'static {
     /// intake loop.
     fn deliveries(&self, stop: CancellationToken) -> BoxStream<'static, Delivery>;
 
-    /// Dead letters, oldest first, at most `limit`.
-    fn dead_letters(&self, limit: usize) -> InboxFuture<'_, Vec<DeadLetter>>;
+    /// Dead letters, oldest first, at most `limit`, as the admin route
+    /// shows them.
+    fn dead_letters(&self, limit: usize) -> InboxFuture<'_, Vec<serde_json::Value>>;
 
     /// Puts dead letters (all, or the given ids) back to work.
     fn replay(&self, ids: Option<Vec<u64>>) -> InboxFuture<'_, usize>;

@@ -136,7 +136,12 @@ async fn delete_queues(queue: &str) {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    for q in [queue.to_owned(), format!("{queue}.dead")] {
+    for q in [
+        queue.to_owned(),
+        format!("{queue}.dead"),
+        format!("{queue}.leader"),
+        format!("{queue}.dead-log"),
+    ] {
         let _ = ch
             .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
             .await;
@@ -291,7 +296,7 @@ async fn webhooks_travel_through_the_broker() {
 }
 
 #[tokio::test]
-async fn two_replicas_share_one_queue() {
+async fn two_replicas_on_one_queue_are_one_dispatcher() {
     let _lock = BROKER.lock().await;
     let up = TestUpstream::start().await;
     let members = users("r", 2000);
@@ -300,9 +305,9 @@ async fn two_replicas_share_one_queue() {
     let (d1, d2) = (temp_dir(), temp_dir());
     let mut s1 = broker_settings(&up.running.base_url(), d1.path(), &queue);
     let mut s2 = broker_settings(&up.running.base_url(), d2.path(), &queue);
-    // Each replica takes half of the upstream rate.
-    s1.tencent.requests_per_second = 100;
-    s2.tencent.requests_per_second = 100;
+    // Each is configured with the whole budget: only one dispatches.
+    s1.tencent.requests_per_second = 200;
+    s2.tencent.requests_per_second = 200;
     s1.amqp.prefetch = 200;
     s2.amqp.prefetch = 200;
     let a = TestApp::spawn(s1).await;
@@ -310,6 +315,13 @@ async fn two_replicas_share_one_queue() {
     for app in [&a, &b] {
         app.wait_ready().await;
     }
+    // The leader knows at once, with no work flowing.
+    eventually(20, "exactly one replica active", || async {
+        a.metric("chat_janitor_dispatch_active").await
+            + b.metric("chat_janitor_dispatch_active").await
+            == 1.0
+    })
+    .await;
     let producer = Producer::new(&queue).await;
     producer.ban_all(&members, &["@TOA#_rep"]).await;
     eventually(30, "the whole stream applied", || async {
@@ -322,8 +334,17 @@ async fn two_replicas_share_one_queue() {
     let rb = b
         .metric("chat_janitor_events_received_total{source=\"amqp\",type=\"user.banned\"}")
         .await;
-    assert!(ra > 0.0 && rb > 0.0, "both replicas worked: {ra} + {rb}");
+    assert!(
+        ra == 0.0 || rb == 0.0,
+        "only the active replica consumed: {ra} + {rb}"
+    );
     assert!(ra + rb >= 2000.0);
+    let calls = "chat_janitor_upstream_requests_total{api=\"delete_subscriber\",error_code=\"0\"}";
+    let (ca, cb) = (a.metric(calls).await, b.metric(calls).await);
+    assert!(
+        ca == 0.0 || cb == 0.0,
+        "a standby calls nothing upstream: {ca} + {cb}"
+    );
     a.stop().await;
     b.stop().await;
     assert_eq!(message_count(&queue).await, 0);

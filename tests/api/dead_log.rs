@@ -33,7 +33,12 @@ struct Setup {
 impl Setup {
     async fn new(test: &str) -> Setup {
         let queue = format!("cj-deadlog-{test}-{:08x}", rand::random::<u32>());
-        let link = BrokerLink::new(SecretString::from(AMQP_URL.to_owned()), queue.clone(), 10);
+        let link = BrokerLink::new(
+            SecretString::from(AMQP_URL.to_owned()),
+            queue.clone(),
+            10,
+            10,
+        );
         let log = DeadLog::declare(link.clone()).await.unwrap();
         let dead = BrokerDeadLetters::start(link.clone());
         Setup {

@@ -123,6 +123,9 @@ pub fn unix_now() -> i64 {
 
 impl TestApp {
     pub async fn spawn(settings: Settings) -> TestApp {
+        if std::env::var_os("TEST_LOG").is_some() {
+            chat_janitor::telemetry::init_tracing();
+        }
         let app = Application::build(settings).await.expect("app builds");
         let port = app.port();
         let journal = app.journal();
