@@ -149,7 +149,8 @@ for m in events_received_total events_rejected_total upstream_requests_total \
          upstream_request_duration_seconds_bucket batch_items_bucket items_total \
          pending_items open_batches circuit_open event_settle_seconds_bucket \
          dead_letters_total journal_events journal_write_errors_total \
-         journal_file_bytes journal_filesystem_free_bytes; do
+         journal_file_bytes journal_filesystem_free_bytes dispatch_active \
+         broker_connected; do
   grep -q "^chat_janitor_${m}[{ ]" "$tmp/metrics.txt" \
     || { echo "missing from /metrics: chat_janitor_${m}" >&2; exit 1; }
 done

@@ -223,6 +223,12 @@ impl Sweeps {
     /// Stops taking sweeps and stops those running (shutdown): they drop
     /// their pipeline handles so the coalescer can drain, and stay running
     /// in the journal.
+    /// Whether sweeps can run here: this replica is the active dispatcher
+    /// (always, in embedded mode).
+    pub fn can_run(&self) -> bool {
+        self.upstream.is_active()
+    }
+
     pub fn close(&self) {
         self.pipeline.lock().take();
         self.stop.cancel();

@@ -145,6 +145,14 @@ async fn start_sweep(body: web::Bytes, state: web::Data<HttpState>) -> HttpRespo
             );
         }
     };
+    if !state.sweeps.can_run() {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Not the active dispatcher",
+            "this replica stands by; post the sweep to the replica whose chat_janitor_dispatch_active is 1, so its removals share the one budget",
+            None,
+        );
+    }
     let deny = r
         .deny
         .into_iter()
