@@ -516,3 +516,62 @@ async fn an_existing_classic_queue_is_used_as_it_is() {
     assert_eq!(message_count(&queue).await, 0);
     delete_queues(&queue).await;
 }
+
+/// Broker mode's admin dead-letter routes: a dead-lettered action and a
+/// message rejected at intake are listed (twice, the same: listing consumes
+/// nothing), and a replay after the fault is gone applies the action and
+/// leaves only the malformed message listed.
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_in_broker_mode() {
+    let _lock = BROKER.lock().await;
+    let up = TestUpstream::start().await;
+    seed(&up, "@TOA#_bdl", &["b1".to_owned()]);
+    up.emulator
+        .set_faults(chat_janitor::emulator::Faults::new(vec![
+            chat_janitor::emulator::FaultRule::error_code(Some("delete_subscriber"), 99999),
+        ]));
+    let queue = queue_name("bdl");
+    let dir = temp_dir();
+    let mut settings = broker_settings(&up.running.base_url(), dir.path(), &queue);
+    settings.dispatch.max_attempts = 2;
+    let app = TestApp::spawn(settings).await;
+    app.wait_ready().await;
+    let producer = Producer::new(&queue).await;
+    producer.publish("bdl-bad", b"not json").await;
+    producer.ban("b1", &["@TOA#_bdl"]).await;
+    eventually(30, "both listed", || async {
+        app.dead_letters().await.len() == 2
+    })
+    .await;
+    let listed = app.dead_letters().await;
+    assert_eq!(listed, app.dead_letters().await, "listing is stable");
+    let action = listed
+        .iter()
+        .find(|d| d["dead_letter"]["reason"] == "unknown_error")
+        .expect("the action's dead letter is listed");
+    assert!(
+        listed.iter().any(|d| d["reason"] == "malformed"),
+        "the rejected message is listed: {listed:?}"
+    );
+    up.emulator.clear_faults();
+    let r = app
+        .http
+        .post(app.url("/v1/admin/dead-letters/replay"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"ids": [action["id"]]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    eventually(30, "the replayed action applied", || async {
+        up.emulator.subscribers("@TOA#_bdl").unwrap().is_empty()
+    })
+    .await;
+    eventually(10, "only the malformed one still listed", || async {
+        let l = app.dead_letters().await;
+        l.len() == 1 && l[0]["reason"] == "malformed"
+    })
+    .await;
+    app.stop().await;
+    delete_queues(&queue).await;
+}
