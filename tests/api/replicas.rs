@@ -605,6 +605,26 @@ async fn connect() -> Connection {
         .expect("the broker at 127.0.0.1:5672 is running")
 }
 
+/// Consumers of `queue` the broker counts.
+async fn consumers(queue: &str) -> u32 {
+    let conn = connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let n = ch
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .consumer_count();
+    let _ = conn.close(200, ShortString::from("bye")).await;
+    n
+}
+
 /// Ready messages in `queue` (unacked ones of closed consumers are ready
 /// again, so 0 after every replica stopped means nothing was left unacked).
 async fn message_count(queue: &str) -> u32 {
@@ -808,17 +828,24 @@ impl Workload {
     }
 
     async fn all_applied(&self, up: &TestUpstream, secs: u64) {
+        if let Err(e) = self.applied_within(up, secs).await {
+            panic!("{e}");
+        }
+    }
+
+    async fn applied_within(&self, up: &TestUpstream, secs: u64) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let left = self.left(up);
             if left == 0 {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for every removal: {left} of {} subscriptions left",
-                self.removals()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "timed out waiting for every removal: {left} of {} subscriptions left after {secs} s",
+                    self.removals()
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -930,8 +957,18 @@ async fn three_replicas_are_one_dispatcher() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(cluster.sole_active(&all).await, Some(leader));
 
+    assert_eq!(
+        consumers(&queue).await,
+        1,
+        "one replica consumes the work queue"
+    );
     publish_bans(&queue, "one", &work.bans).await;
     work.all_applied(&up, 90).await;
+    assert_eq!(
+        consumers(&queue).await,
+        1,
+        "still one replica consumes the work queue"
+    );
 
     assert_within_budget(&up);
     let (fill, calls) = fullness(&up);
@@ -1036,6 +1073,11 @@ async fn leader_lost_mid_stream(how: Loss) {
     work.all_applied(&up, 120).await;
 
     assert_within_budget(&up);
+    assert_eq!(
+        consumers(&queue).await,
+        1,
+        "one replica consumes the work queue after the handover"
+    );
     let old = &cluster.replicas[leader];
     assert_eq!(
         old.proxy.since(gone_at),
@@ -1151,8 +1193,24 @@ async fn a_paused_leader_is_replaced_and_stays_quiet() {
     let counted = cluster.replicas[leader]
         .metric("chat_janitor_upstream_requests_total", &[])
         .await;
-    first.all_applied(&up, 120).await;
-    second.all_applied(&up, 120).await;
+    // Only the active replica consumes the work queue: the resumed one
+    // must not be consuming again (holding deliveries it will not send).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = consumers(&queue).await;
+    while n != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        n = consumers(&queue).await;
+    }
+    if n != 1 {
+        failed.push(format!(
+            "the work queue has {n} consumers after the SIGCONT (one replica is active)"
+        ));
+    }
+    for (what, w) in [("before the pause", &first), ("after the resume", &second)] {
+        if let Err(e) = w.applied_within(&up, 60).await {
+            failed.push(format!("work published {what}: {e}"));
+        }
+    }
     // Watch a little longer.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -1244,6 +1302,11 @@ async fn an_old_style_queue_is_drained() {
     work.all_applied(&up, 90).await;
     assert_within_budget(&up);
     assert_eq!(cluster.sole_active(&all).await, Some(leader));
+    assert_eq!(
+        consumers(&queue).await,
+        1,
+        "one replica consumes the old queue"
+    );
     let standby = cluster.others(leader)[0];
     assert_eq!(
         cluster.replicas[standby].proxy.count(),
