@@ -1213,6 +1213,12 @@ async fn a_paused_leader_is_replaced_and_stays_quiet() {
     }
     // Watch a little longer.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let n = consumers(&queue).await;
+    if n != 1 {
+        failed.push(format!(
+            "the work queue has {n} consumers at the end (one replica is active)"
+        ));
+    }
 
     let paused = &cluster.replicas[leader];
     let after: Vec<u64> = paused
