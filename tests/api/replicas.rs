@@ -877,28 +877,67 @@ fn busiest_second(calls: &[CallRecord], api: &str) -> (usize, u64) {
 
 /// Zero calls refused for frequency, and at most the budget in any one
 /// second, for every API.
-fn assert_within_budget(up: &TestUpstream) {
+fn assert_within_budget(up: &TestUpstream, cluster: &Cluster) {
+    let problems = budget_problems(up, cluster);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// What broke the budget, with when and through which replica.
+fn budget_problems(up: &TestUpstream, cluster: &Cluster) -> Vec<String> {
     let calls = up.emulator.calls();
-    let refused = calls
+    let t0 = calls.first().map_or(0, |c| c.at_ms);
+    let mut out = Vec::new();
+    // Who sent how many requests in the second up to `at`.
+    let senders = |at: u64| -> String {
+        cluster
+            .replicas
+            .iter()
+            .map(|r| {
+                let n = r
+                    .proxy
+                    .requests()
+                    .iter()
+                    .filter(|&&t| t + 1000 > at && t <= at)
+                    .count();
+                format!("{} {n}", r.name)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let refused: Vec<&CallRecord> = calls
         .iter()
         .filter(|c| c.error_code == FREQUENCY_LIMIT)
-        .count();
-    assert_eq!(
-        refused,
-        0,
-        "calls refused for frequency (60007), of {}",
-        calls.len()
-    );
+        .collect();
+    if let Some(first) = refused.first() {
+        let at = first.at_ms;
+        let window = calls
+            .iter()
+            .filter(|c| c.api == first.api && c.at_ms + 1000 > at && c.at_ms <= at)
+            .count();
+        out.push(format!(
+            "{} of {} calls refused for frequency (60007), at +{:?} ms; the first ({}) had {window} \
+             calls of its API in the second up to it; requests in that second by replica: {}",
+            refused.len(),
+            calls.len(),
+            refused.iter().map(|c| c.at_ms - t0).collect::<Vec<_>>(),
+            first.api,
+            senders(at)
+        ));
+    }
     let mut apis: Vec<&str> = calls.iter().map(|c| c.api.as_str()).collect();
     apis.sort_unstable();
     apis.dedup();
     for api in apis {
         let (n, at) = busiest_second(&calls, api);
-        assert!(
-            n <= BUDGET,
-            "{n} {api} calls in the second from {at} ms (budget {BUDGET})"
-        );
+        if n > BUDGET {
+            out.push(format!(
+                "{n} {api} calls in the second from +{} ms (budget {BUDGET}); requests in it by replica: {}",
+                at - t0,
+                senders(at + 999)
+            ));
+        }
     }
+    out
 }
 
 /// The mean fill of `delete_subscriber` batches (1.0: every call carried 100).
@@ -970,7 +1009,7 @@ async fn three_replicas_are_one_dispatcher() {
         "still one replica consumes the work queue"
     );
 
-    assert_within_budget(&up);
+    assert_within_budget(&up, &cluster);
     let (fill, calls) = fullness(&up);
     assert!(
         fill >= 0.98,
@@ -1072,7 +1111,7 @@ async fn leader_lost_mid_stream(how: Loss) {
     let active_at = now_ms();
     work.all_applied(&up, 120).await;
 
-    assert_within_budget(&up);
+    assert_within_budget(&up, &cluster);
     assert_eq!(
         consumers(&queue).await,
         1,
@@ -1086,6 +1125,13 @@ async fn leader_lost_mid_stream(how: Loss) {
     );
     let new = &cluster.replicas[next];
     let first = new.proxy.requests().first().copied();
+    let old_last = old.proxy.requests().last().copied().unwrap_or(0);
+    // The two dispatchers never overlap: the new one's first call comes
+    // after the old one's last.
+    assert!(
+        first.is_some_and(|f| f > old_last),
+        "the new leader's first call ({first:?}) after the old one's last ({old_last})"
+    );
     for &i in &survivors {
         if i != next {
             let r = &cluster.replicas[i];
@@ -1105,12 +1151,13 @@ async fn leader_lost_mid_stream(how: Loss) {
     let (fill, calls) = fullness(&up);
     eprintln!(
         "{how:?}: {before} calls before the loss, {calls} in all ({fill:.3} full) for {} removals; \
-         exit after {:.2} s, next active {:.2} s after the {}, its first call {} s after it",
+         exit after {:.2} s, next active {:.2} s after the {}, its first call {} s after it, {:.2} s after the old leader's last",
         work.removals(),
         secs(gone_at - lost_at),
         secs(active_at - lost_at),
         if how == Loss::Kill9 { "kill" } else { "SIGTERM" },
         first.map_or("never".into(), |t| format!("{:.2}", secs(t.saturating_sub(lost_at)))),
+        secs(first.unwrap_or(0).saturating_sub(old_last)),
     );
 }
 
@@ -1263,20 +1310,7 @@ async fn a_paused_leader_is_replaced_and_stays_quiet() {
         failed.push("the new leader made no call after the SIGCONT".into());
     }
     let new_first = new.proxy.requests().first().copied().unwrap_or(0);
-    let calls = up.emulator.calls();
-    let refused = calls
-        .iter()
-        .filter(|c| c.error_code == FREQUENCY_LIMIT)
-        .count();
-    if refused > 0 {
-        failed.push(format!("{refused} calls refused for frequency (60007)"));
-    }
-    let (busiest, at) = busiest_second(&calls, DELETE);
-    if busiest > BUDGET {
-        failed.push(format!(
-            "{busiest} {DELETE} calls in the second from {at} ms (budget {BUDGET})"
-        ));
-    }
+    failed.extend(budget_problems(&up, &cluster));
     eprintln!(
         "SIGSTOP (heartbeat 2 s): other active {:.2} s after the stop, its first call {:.2} s after it",
         secs(active_at - stopped_at),
@@ -1306,7 +1340,7 @@ async fn an_old_style_queue_is_drained() {
         .wait_sole_active(&all, 30, "exactly one of two replicas active")
         .await;
     work.all_applied(&up, 90).await;
-    assert_within_budget(&up);
+    assert_within_budget(&up, &cluster);
     assert_eq!(cluster.sole_active(&all).await, Some(leader));
     assert_eq!(
         consumers(&queue).await,
