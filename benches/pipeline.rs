@@ -16,9 +16,12 @@
 //! 4. Memory: peak RSS of `chat-janitor serve` draining a backlog of
 //!    1,000,000 events from RabbitMQ.
 //! 5. Follows: the drain figure for follow_delete (ceiling 4,000/s).
+//! 6. Replicas: 1 and 3 real `serve` processes (broker mode, 200/s each)
+//!    draining a 100,000-removal RabbitMQ backlog against the emulator run
+//!    as its own process; then kill -9 of the leader mid-drain.
 //!
 //! Prints a table (and a markdown copy, also written to
-//! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory`
+//! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas`
 //! runs a subset (results.md is then left alone).
 
 #[path = "pipeline/common.rs"]
@@ -31,6 +34,8 @@ mod ingest;
 mod latency;
 #[path = "pipeline/memory.rs"]
 mod memory;
+#[path = "pipeline/replicas.rs"]
+mod replicas;
 #[path = "pipeline/report.rs"]
 mod report;
 
@@ -40,7 +45,9 @@ use common::{machine, sh, CpuMeter, VENDOR_RATE};
 use drain::{Burst, Via};
 use report::{Report, Verdict};
 
-const SECTIONS: [&str; 5] = ["drain", "follows", "ingest", "latency", "memory"];
+const SECTIONS: [&str; 6] = [
+    "drain", "follows", "ingest", "latency", "memory", "replicas",
+];
 
 /// 100,000 unsubscribes over 200 channels: 5,000 bans naming 20 channels each.
 const UNSUB_BURST: Burst = Burst::Unsubscribe {
@@ -622,6 +629,9 @@ fn main() {
         }
         if want("memory") {
             run_memory(&mut rep).await;
+        }
+        if want("replicas") {
+            replicas::section(&mut rep).await;
         }
     });
     let took = started.elapsed();
