@@ -92,7 +92,11 @@ impl Application {
                 settings.amqp.heartbeat_seconds,
                 CancellationToken::new(),
             );
-            active = follow_lease(&handle, metrics.clone());
+            active = follow_lease(
+                &handle,
+                Duration::from_secs(u64::from(settings.amqp.heartbeat_seconds)),
+                metrics.clone(),
+            );
             lease = Some(handle);
             (
                 BrokerInbox::new(link, active.clone(), metrics.clone()),
@@ -224,7 +228,7 @@ impl Application {
         self.inbox.close().await;
         // Only now may another replica dispatch: nothing of ours is left.
         if let Some(lease) = self.lease {
-            lease.release().await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), lease.release()).await;
         }
         if let Some(e) = self.emulator {
             e.stop().await;
@@ -282,7 +286,7 @@ async fn start_demo_emulator(settings: &Settings) -> anyhow::Result<RunningEmula
 
 /// Follows the dispatch lease: `Active` for the pipeline (from when it was
 /// gained), and the `dispatch_active` gauge.
-fn follow_lease(lease: &LeaseHandle, metrics: Metrics) -> Active {
+fn follow_lease(lease: &LeaseHandle, heartbeat: Duration, metrics: Metrics) -> Active {
     let (tx, rx) = tokio::sync::watch::channel(None);
     let mut leadership = lease.watch();
     tokio::spawn(async move {
@@ -316,5 +320,5 @@ fn follow_lease(lease: &LeaseHandle, metrics: Metrics) -> Active {
             }
         }
     });
-    Active::following(rx)
+    Active::following(rx, heartbeat)
 }

@@ -55,10 +55,12 @@ impl PipelineHandles {
     /// everything and waits for the tasks to end.
     pub async fn drain(self, grace: Duration) {
         let deadline = Instant::now() + grace;
-        // Waiting is pointless while upstream rejects our credentials.
+        // Waiting is pointless while upstream rejects our credentials, or
+        // on a standby (the work it holds was redelivered to the leader).
         while self.in_flight() > 0
             && Instant::now() < deadline
             && self.upstream.circuit().open_reason().is_none()
+            && self.upstream.is_active()
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -130,13 +130,7 @@ impl BrokerLink {
                 std::process::id()
             )))
             .enable_auto_recover();
-        let mut uri: lapin::uri::AMQPUri = self
-            .uri
-            .expose_secret()
-            .parse()
-            .map_err(|e: String| BrokerError::Uri(e))?;
-        uri.query.heartbeat = Some(self.heartbeat_seconds);
-        let conn = Connection::connect_uri(uri, props).await?;
+        let conn = Connection::connect_uri(self.uri()?, props).await?;
         declare_topology(&conn, &self.queue).await?;
         let publish = conn.create_channel().await?;
         publish
@@ -149,6 +143,29 @@ impl BrokerLink {
         };
         *state = Some(linked.clone());
         Ok(linked)
+    }
+
+    fn uri(&self) -> Result<lapin::uri::AMQPUri, BrokerError> {
+        let mut uri: lapin::uri::AMQPUri = self
+            .uri
+            .expose_secret()
+            .parse()
+            .map_err(|e: String| BrokerError::Uri(e))?;
+        uri.query.heartbeat = Some(self.heartbeat_seconds);
+        Ok(uri)
+    }
+
+    /// A connection of its own for consuming the work queue, without
+    /// automatic recovery: when it is lost its consumer is gone for good
+    /// (the broker requeues what it held), never brought back behind our
+    /// back on a recovered connection where nothing reads it.
+    pub async fn consumer_connection(&self) -> Result<Connection, BrokerError> {
+        // The shared connection declares the topology first.
+        self.linked().await?;
+        let props = ConnectionProperties::default().with_connection_name(LongString::from(
+            format!("chat-janitor consumer {}", std::process::id()),
+        ));
+        Ok(Connection::connect_uri(self.uri()?, props).await?)
     }
 
     /// Whether the broker connection is up right now.
@@ -219,20 +236,13 @@ impl BrokerLink {
         Ok(true)
     }
 
-    /// Drops the connection (closing it if it still answers); the next use
-    /// connects anew.
-    pub async fn reset(&self) {
-        let linked = self.state.lock().await.take();
-        if let Some(l) = linked {
-            let close = l.conn.close(200, ShortString::from("dispatch lease lost"));
-            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
-        }
-    }
-
     /// Closes the connection (unacked deliveries return to the queue).
     pub async fn close(&self) {
-        if let Some(l) = self.state.lock().await.take() {
-            let _ = l.conn.close(200, ShortString::from("shutdown")).await;
+        // Not waited for long: a broker that is gone cannot answer.
+        let taken = tokio::time::timeout(Duration::from_secs(2), self.state.lock()).await;
+        if let Some(l) = taken.ok().and_then(|mut s| s.take()) {
+            let close = l.conn.close(200, ShortString::from("shutdown"));
+            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct BrokerInbox {
     active: Active,
     settled: Arc<Mutex<RecentIds>>,
     metrics: Metrics,
+    /// The consumer's own connection while it consumes.
+    consuming: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
 }
 
 impl BrokerInbox {
@@ -96,6 +98,7 @@ impl BrokerInbox {
             active,
             settled: Arc::default(),
             metrics,
+            consuming: Arc::default(),
         })
     }
 
@@ -208,6 +211,7 @@ impl Inbox for BrokerInbox {
             settled: self.settled.clone(),
             metrics: self.metrics.clone(),
             tx,
+            consuming: self.consuming.clone(),
         };
         tokio::spawn(consumer.run(stop));
         futures_util::stream::unfold(rx, |mut rx| async move {
@@ -247,6 +251,10 @@ impl Inbox for BrokerInbox {
             let _ = tokio::time::timeout(Duration::from_secs(5), self.dead.flushed()).await;
             self.acks.close();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.acks.wait()).await;
+            let consuming = self.consuming.lock().take();
+            if let Some(conn) = consuming {
+                close_quickly(&conn, "shutdown").await;
+            }
             self.link.close().await;
         }
         .boxed()
@@ -263,6 +271,13 @@ struct Consumer {
     settled: Arc<Mutex<RecentIds>>,
     metrics: Metrics,
     tx: mpsc::Sender<Delivery>,
+    consuming: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
+}
+
+/// Closes a connection, not waiting long for a broker that is gone.
+async fn close_quickly(conn: &lapin::Connection, why: &str) {
+    let close = conn.close(200, ShortString::from(why));
+    let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
 }
 
 /// Why one connection's worth of consuming ended.
@@ -319,12 +334,19 @@ impl Consumer {
     /// connection is gone for good.
     async fn consume_once(&self, stop: &CancellationToken) -> Result<Ended, lapin::Error> {
         let conn = tokio::select! {
-            c = self.link.connection() => c.map_err(|e| match e {
+            c = self.link.consumer_connection() => c.map_err(|e| match e {
                 BrokerError::Amqp(e) => e,
                 other => lapin::Error::from(std::io::Error::other(other.to_string())),
             })?,
             _ = stop.cancelled() => return Ok(Ended::Stopped),
         };
+        let conn = Arc::new(conn);
+        // Kept until shutdown has acked what settled (see `close`), or
+        // dropped with the lease.
+        let old = self.consuming.lock().replace(conn.clone());
+        if let Some(old) = old {
+            close_quickly(&old, "replaced").await;
+        }
         let channel = conn.create_channel().await?;
         channel
             .basic_qos(self.link.prefetch, BasicQosOptions::default())
@@ -349,12 +371,11 @@ impl Consumer {
                     return Ok(Ended::Stopped);
                 }
                 _ = self.active.lost() => {
-                    // The whole connection goes, not just the channel: it
-                    // returns the unacked deliveries to the queue for the
-                    // replica that leads now, and lapin's recovery cannot
-                    // bring this consumer back on a recovered connection
-                    // (where nothing would read it).
-                    self.link.reset().await;
+                    // Closing the consumer's connection returns its unacked
+                    // deliveries to the queue, for the replica that leads
+                    // now; nothing recovers it.
+                    self.consuming.lock().take();
+                    close_quickly(&conn, "dispatch lease lost").await;
                     return Ok(Ended::LeaseLost);
                 }
             };
@@ -368,9 +389,9 @@ impl Consumer {
                     }
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "broker channel error; waiting for recovery");
-                    channel.wait_for_recovery(e).await?;
-                    tracing::info!("broker connection recovered; consuming again");
+                    self.consuming.lock().take();
+                    close_quickly(&conn, "consumer error").await;
+                    return Err(e);
                 }
                 None => {
                     return Err(lapin::Error::from(std::io::Error::other(
