@@ -17,7 +17,6 @@ use crate::helpers::*;
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// Serialises the broker tests (one of them stops the broker).
-static BROKER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn queue_name(test: &str) -> String {
     format!("cj-test-{test}-{:08x}", rand::random::<u32>())
@@ -163,7 +162,7 @@ fn seed(up: &TestUpstream, channel: &str, members: &[String]) {
 
 #[tokio::test]
 async fn a_thousand_persistent_events_are_all_applied() {
-    let _lock = BROKER.lock().await;
+    let _lock = BROKER.read().await;
     let up = TestUpstream::start().await;
     let members = users("p", 1000);
     seed(&up, "@TOA#_q1", &members);
@@ -209,7 +208,7 @@ async fn a_thousand_persistent_events_are_all_applied() {
 
 #[tokio::test]
 async fn bad_messages_go_to_the_dead_letter_queue_and_the_rest_proceed() {
-    let _lock = BROKER.lock().await;
+    let _lock = BROKER.read().await;
     let up = TestUpstream::start().await;
     let members = users("d", 50);
     seed(&up, "@TOA#_dl", &members);
@@ -252,7 +251,7 @@ async fn bad_messages_go_to_the_dead_letter_queue_and_the_rest_proceed() {
 
 #[tokio::test]
 async fn webhooks_travel_through_the_broker() {
-    let _lock = BROKER.lock().await;
+    let _lock = BROKER.read().await;
     let up = TestUpstream::start().await;
     let members = users("h", 30);
     seed(&up, "@TOA#_wh", &members);
@@ -297,7 +296,7 @@ async fn webhooks_travel_through_the_broker() {
 
 #[tokio::test]
 async fn two_replicas_on_one_queue_are_one_dispatcher() {
-    let _lock = BROKER.lock().await;
+    let _lock = BROKER.read().await;
     let up = TestUpstream::start().await;
     let members = users("r", 2000);
     seed(&up, "@TOA#_rep", &members);
@@ -353,7 +352,7 @@ async fn two_replicas_on_one_queue_are_one_dispatcher() {
 
 #[tokio::test]
 async fn a_broker_restart_mid_stream_loses_nothing() {
-    let _lock = BROKER.lock().await;
+    let _lock = BROKER.write().await;
     let up = TestUpstream::start().await;
     let members = users("b", 400);
     let channels = ["@TOA#_rs0", "@TOA#_rs1", "@TOA#_rs2", "@TOA#_rs3"];
@@ -479,7 +478,7 @@ async fn without_a_broker_webhooks_get_503_and_readyz_says_why() {
 
 #[tokio::test]
 async fn an_existing_classic_queue_is_used_as_it_is() {
-    let _lock = BROKER.lock().await;
+    let _lock = BROKER.read().await;
     let up = TestUpstream::start().await;
     let members = users("cl", 20);
     seed(&up, "@TOA#_classic", &members);
@@ -523,7 +522,7 @@ async fn an_existing_classic_queue_is_used_as_it_is() {
 /// leaves only the malformed message listed.
 #[tokio::test]
 async fn dead_letters_are_listed_and_replayed_in_broker_mode() {
-    let _lock = BROKER.lock().await;
+    let _lock = BROKER.read().await;
     let up = TestUpstream::start().await;
     seed(&up, "@TOA#_bdl", &["b1".to_owned()]);
     up.emulator

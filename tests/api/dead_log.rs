@@ -212,6 +212,7 @@ fn ids(list: &[BrokerDeadLetter]) -> Vec<String> {
 
 #[tokio::test]
 async fn dead_letters_list_in_order_without_being_consumed() {
+    let _broker = crate::helpers::BROKER.read().await;
     let s = Setup::new("list").await;
     s.dead_letter("ev-1").await;
     s.dead_letter("ev-2").await;
@@ -262,6 +263,7 @@ async fn dead_letters_list_in_order_without_being_consumed() {
 
 #[tokio::test]
 async fn replay_puts_exactly_the_chosen_ones_back_then_the_rest() {
+    let _broker = crate::helpers::BROKER.read().await;
     let s = Setup::new("replay").await;
     s.dead_letter("ev-1").await;
     s.dead_letter("ev-2").await;
@@ -308,6 +310,7 @@ async fn replay_puts_exactly_the_chosen_ones_back_then_the_rest() {
 /// rejected messages would list twice: drop `record_rejected` then.
 #[tokio::test]
 async fn the_brokers_own_dead_lettering_does_not_reach_the_stream() {
+    let _broker = crate::helpers::BROKER.read().await;
     let s = Setup::new("broker-dlx").await;
     s.reject_raw("raw-unlogged", b"not json", false).await;
     let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())

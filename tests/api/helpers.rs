@@ -256,3 +256,8 @@ where
 pub fn temp_dir() -> TempDir {
     tempfile::tempdir().expect("temp dir")
 }
+
+/// Tests that use the shared RabbitMQ take it for reading; the one test
+/// that restarts the broker takes it for writing, so no other broker test
+/// runs while the broker is away.
+pub static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());

@@ -148,6 +148,7 @@ fn watch_for_gain(lease: &LeaseHandle) -> Arc<AtomicBool> {
 
 #[tokio::test]
 async fn three_leases_elect_exactly_one_leader_that_knows_without_traffic() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("three");
     let cfg = config(60_000, 3_600_000);
     let (a, b, c) = (
@@ -168,6 +169,7 @@ async fn three_leases_elect_exactly_one_leader_that_knows_without_traffic() {
 
 #[tokio::test]
 async fn renewals_keep_the_same_leader() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("renew");
     // Renew every 100 ms: dozens of renewals in the watch below.
     let a = start(&q, config(100, 3_600_000));
@@ -196,6 +198,7 @@ async fn renewals_keep_the_same_leader() {
 /// and is neither dead-lettered nor dropped.
 #[tokio::test]
 async fn requeue_forever_goes_to_the_same_consumer_and_keeps_the_token() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("requeue");
     let lock = leader_queue_name(&q);
     let (_c1, first) = channel().await;
@@ -257,6 +260,7 @@ async fn requeue_forever_goes_to_the_same_consumer_and_keeps_the_token() {
 
 #[tokio::test]
 async fn stopping_or_dropping_the_leader_hands_over() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("stop");
     let cfg = config(60_000, 3_600_000);
     let stop_a = CancellationToken::new();
@@ -287,6 +291,7 @@ async fn stopping_or_dropping_the_leader_hands_over() {
 
 #[tokio::test]
 async fn release_hands_the_token_over() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("release");
     let cfg = config(60_000, 3_600_000);
     let a = start(&q, cfg.clone());
@@ -304,6 +309,7 @@ async fn release_hands_the_token_over() {
 
 #[tokio::test]
 async fn a_lost_token_is_recreated() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("lost");
     let lock = leader_queue_name(&q);
     // A rogue consumer registers first, so it is the active one: it eats
@@ -349,6 +355,7 @@ async fn a_lost_token_is_recreated() {
 
 #[tokio::test]
 async fn extra_tokens_leave_one_leader_and_one_token() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("extra");
     let cfg = config(200, 3_600_000);
     let a = start(&q, cfg.clone());
@@ -463,6 +470,7 @@ async fn lease_holder_child() {
 
 #[tokio::test]
 async fn a_killed_leader_process_is_replaced() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("kill");
     let mut child = ChildLease::spawn(&q, 10);
     child
@@ -480,6 +488,7 @@ async fn a_killed_leader_process_is_replaced() {
 
 #[tokio::test]
 async fn a_paused_leader_is_replaced_and_sees_it_lost() {
+    let _broker = crate::helpers::BROKER.read().await;
     let q = work_queue("pause");
     let hb = 2u16;
     let mut child = ChildLease::spawn(&q, hb);

@@ -969,6 +969,7 @@ const LINGER_MS: u64 = 3_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_are_one_dispatcher() {
+    let _broker = crate::helpers::BROKER.read().await;
     let _lock = REPLICAS.lock().await;
     let up = upstream().await;
     // 6 groups of 10 channels with 500 members each: 30,000 removals, 300
@@ -1163,16 +1164,19 @@ async fn leader_lost_mid_stream(how: Loss) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_loses_nothing() {
+    let _broker = crate::helpers::BROKER.read().await;
     leader_lost_mid_stream(Loss::Kill9).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_the_leader_hands_over() {
+    let _broker = crate::helpers::BROKER.read().await;
     leader_lost_mid_stream(Loss::Sigterm).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_replaced_and_stays_quiet() {
+    let _broker = crate::helpers::BROKER.read().await;
     let _lock = REPLICAS.lock().await;
     let up = upstream().await;
     // Before the pause: 4 groups x 10 channels x 500 (200 batches); after
@@ -1323,6 +1327,7 @@ async fn a_paused_leader_is_replaced_and_stays_quiet() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_style_queue_is_drained() {
+    let _broker = crate::helpers::BROKER.read().await;
     let _lock = REPLICAS.lock().await;
     let up = upstream().await;
     let work = Workload::new("old", 4, 10, 500);
