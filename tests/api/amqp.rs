@@ -16,8 +16,6 @@ use crate::helpers::*;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// Serialises the broker tests (one of them stops the broker).
-
 fn queue_name(test: &str) -> String {
     format!("cj-test-{test}-{:08x}", rand::random::<u32>())
 }
