@@ -835,9 +835,21 @@ impl Writer {
     /// A commit (or reopen) failed: close the file, and reopen it once the
     /// backoff has passed (at once for reads, if it opens).
     fn failed(&mut self, fault: Fault) {
+        self.record_fault("write", &fault);
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.close_db();
+        // Reads (the intake loop draining the backlog) go on from the
+        // reopened file while writes wait for the backoff.
+        let _ = self.reopen();
+    }
+
+    /// Counts a storage fault and says in the health what it was (`verb`:
+    /// what failed, "write" or "reopen").
+    fn record_fault(&self, verb: &str, fault: &Fault) {
         self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
         let reason = format!(
-            "cannot write {}: {}",
+            "cannot {verb} {}: {}",
             self.shared.path.display(),
             fault.message
         );
@@ -846,14 +858,6 @@ impl Writer {
         } else {
             JournalHealth::Failing(reason)
         });
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-        self.close_db();
-        // Reads (the feeder draining the backlog) go on from the reopened
-        // file while writes wait for the backoff.
-        if let Some(db) = self.open_quietly() {
-            *self.shared.db.write() = Some(db);
-        }
     }
 
     /// Takes the database out of reach of new readers and closes it once
@@ -893,17 +897,7 @@ impl Writer {
         match self.open_and_undo() {
             Ok(db) => Some(Arc::new(db)),
             Err(fault) => {
-                self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                let reason = format!(
-                    "cannot reopen {}: {}",
-                    self.shared.path.display(),
-                    fault.message
-                );
-                self.shared.set_health(if fault.incurable {
-                    JournalHealth::Broken(reason)
-                } else {
-                    JournalHealth::Failing(reason)
-                });
+                self.record_fault("reopen", &fault);
                 if self.retry_at.is_none_or(|t| t <= Instant::now()) {
                     self.retry_at = Some(Instant::now() + self.backoff);
                     self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
