@@ -5,16 +5,12 @@
 use std::time::Duration;
 
 use chat_janitor::emulator::{Seed, SeedChannel};
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::json;
 
 use crate::helpers::*;
-
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 fn queue_name(test: &str) -> String {
     format!("cj-test-{test}-{:08x}", rand::random::<u32>())
@@ -105,50 +101,6 @@ impl Producer {
         self.publish(&format!("amqp-{user}"), body.to_string().as_bytes())
             .await;
     }
-}
-
-/// Ready messages in `queue` (after our consumers closed, unacked ones are
-/// back to ready, so 0 means nothing was left unacked).
-async fn message_count(queue: &str) -> u32 {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    q.message_count()
-}
-
-async fn delete_queues(queue: &str) {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    for q in [
-        queue.to_owned(),
-        format!("{queue}.dead"),
-        format!("{queue}.leader"),
-        format!("{queue}.dead-log"),
-    ] {
-        let _ = ch
-            .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(
-            ShortString::from(format!("{queue}.dlx").as_str()),
-            Default::default(),
-        )
-        .await;
 }
 
 fn seed(up: &TestUpstream, channel: &str, members: &[String]) {

@@ -21,7 +21,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use secrecy::SecretString;
 use serde_json::json;
 
-use crate::amqp::AMQP_URL;
+use crate::helpers::AMQP_URL;
 
 struct Setup {
     queue: String,

@@ -261,3 +261,69 @@ pub fn temp_dir() -> TempDir {
 /// that restarts the broker takes it for writing, so no other broker test
 /// runs while the broker is away.
 pub static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// The test broker (guest/guest on the default vhost).
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Ready messages in `queue` (unacked ones of closed consumers are ready
+/// again, so 0 after every consumer stopped means nothing was left unacked).
+pub async fn message_count(queue: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .expect("the broker at 127.0.0.1:5672 is running");
+    let ch = conn.create_channel().await.unwrap();
+    let n = ch
+        .queue_declare(
+            lapin::types::ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    let _ = conn
+        .close(200, lapin::types::ShortString::from("bye"))
+        .await;
+    n
+}
+
+/// Deletes everything the service declares for `queue`: the work queue,
+/// `.dead`, `.leader`, `.dead-log` and the `.dlx` exchange.
+pub async fn delete_queues(queue: &str) {
+    let Ok(conn) =
+        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await
+    else {
+        return;
+    };
+    for q in [
+        queue.to_owned(),
+        format!("{queue}.dead"),
+        format!("{queue}.leader"),
+        format!("{queue}.dead-log"),
+    ] {
+        // A failed command closes the channel: one channel each.
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(
+                    lapin::types::ShortString::from(q.as_str()),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+    if let Ok(ch) = conn.create_channel().await {
+        let _ = ch
+            .exchange_delete(
+                lapin::types::ShortString::from(format!("{queue}.dlx").as_str()),
+                Default::default(),
+            )
+            .await;
+    }
+    let _ = conn
+        .close(200, lapin::types::ShortString::from("bye"))
+        .await;
+}

@@ -21,8 +21,8 @@ use secrecy::SecretString;
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::AMQP_URL;
 use crate::helpers::eventually;
+use crate::helpers::AMQP_URL;
 
 /// Set in the child half of the process tests: the work queue to lease.
 const CHILD_QUEUE: &str = "CJ_LEASE_CHILD_QUEUE";

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use chat_janitor::emulator::{CallRecord, EmulatorConfig, Seed, SeedChannel};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
@@ -22,10 +21,12 @@ use serde_json::json;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{eventually, users, TestUpstream, ADMIN, KEY, SDKAPPID, SECRET};
+use crate::helpers::{
+    delete_queues, eventually, message_count, users, TestUpstream, ADMIN, AMQP_URL, KEY, SDKAPPID,
+    SECRET,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_chat-janitor");
-const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// The vendor's calls per second per API, and the whole service's budget.
 const BUDGET: usize = 200;
 /// `ErrorCode` of a call refused for frequency.
@@ -625,24 +626,6 @@ async fn consumers(queue: &str) -> u32 {
     n
 }
 
-/// Ready messages in `queue` (unacked ones of closed consumers are ready
-/// again, so 0 after every replica stopped means nothing was left unacked).
-async fn message_count(queue: &str) -> u32 {
-    let conn = connect().await;
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        ShortString::from(queue),
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap()
-    .message_count()
-}
-
 /// Ready messages and consumers of `queue`, for diagnostics.
 async fn queue_state(queue: &str) -> String {
     let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
@@ -671,34 +654,6 @@ async fn queue_state(queue: &str) -> String {
     };
     let _ = conn.close(200, ShortString::from("bye")).await;
     r
-}
-
-async fn delete_queues(queue: &str) {
-    let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
-        return;
-    };
-    for q in [
-        queue.to_owned(),
-        format!("{queue}.dead"),
-        format!("{queue}.leader"),
-        format!("{queue}.dead-log"),
-    ] {
-        // A failed command closes the channel: one channel each.
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    if let Ok(ch) = conn.create_channel().await {
-        let _ = ch
-            .exchange_delete(
-                ShortString::from(format!("{queue}.dlx").as_str()),
-                Default::default(),
-            )
-            .await;
-    }
-    let _ = conn.close(200, ShortString::from("bye")).await;
 }
 
 fn long(s: &str) -> AMQPValue {
