@@ -18,7 +18,7 @@ use crate::domain::clock::unix_now;
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
 use crate::inbox::broker::BrokerLink;
 use crate::inbox::consumer::BrokerInbox;
-use crate::inbox::journal::Journal;
+use crate::inbox::journal::{Journal, DEDUPE_WINDOW_SECS};
 use crate::inbox::lease::{LeaderLease, LeaseHandle};
 use crate::inbox::Inbox;
 use crate::ingest::http::{self, HttpState};
@@ -104,8 +104,11 @@ impl Application {
             )
         } else {
             // Its error is one line naming the file and what to do.
-            let journal =
-                Journal::open_with(&settings.journal.path, settings.journal.faults.clone())?;
+            let journal = Journal::open_tuned(
+                &settings.journal.path,
+                settings.journal.faults.clone(),
+                settings.journal.tuning,
+            )?;
             spawn_id_pruning(journal.clone(), intake_stop.clone());
             (Arc::new(journal.clone()), Some(journal))
         };
@@ -239,13 +242,11 @@ impl Application {
 }
 
 fn spawn_id_pruning(journal: Journal, stop: CancellationToken) {
-    /// webhook-ids are remembered this long (senders retry for about a day).
-    const DEDUPE_WINDOW: u64 = 7 * 24 * 3600;
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(600));
         loop {
             tokio::select! {
-                _ = every.tick() => journal.prune_ids(unix_now().saturating_sub(DEDUPE_WINDOW)),
+                _ = every.tick() => journal.prune_ids(unix_now().saturating_sub(DEDUPE_WINDOW_SECS)),
                 _ = stop.cancelled() => return,
             }
         }

@@ -252,6 +252,11 @@ pub struct JournalSettings {
     #[doc(hidden)]
     #[serde(skip)]
     pub faults: Option<crate::inbox::faults::StorageFaults>,
+    /// Test hook: smaller journal files, so rotation and deletion happen
+    /// within a test. Never read from configuration.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub tuning: crate::inbox::journal::Tuning,
 }
 
 impl Default for JournalSettings {
@@ -259,6 +264,7 @@ impl Default for JournalSettings {
         JournalSettings {
             path: PathBuf::from("data"),
             faults: None,
+            tuning: Default::default(),
         }
     }
 }

@@ -29,7 +29,6 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::Acker;
-use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -187,15 +186,13 @@ impl DeadLetterSink for BrokerInbox {
 }
 
 impl Inbox for BrokerInbox {
-    fn store<'a>(&'a self, id: &'a str, body: Box<RawValue>) -> InboxFuture<'a, Stored> {
+    fn store<'a>(&'a self, id: &'a str, body: Vec<u8>) -> InboxFuture<'a, Stored> {
         async move {
-            Ok(
-                if self.link.publish_event(id, body.get().as_bytes()).await? {
-                    Stored::New
-                } else {
-                    Stored::Duplicate
-                },
-            )
+            Ok(if self.link.publish_event(id, &body).await? {
+                Stored::New
+            } else {
+                Stored::Duplicate
+            })
         }
         .boxed()
     }

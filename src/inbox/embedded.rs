@@ -1,6 +1,6 @@
-//! Embedded mode's `Inbox`: the journal. Deliveries are its entries read in
-//! order (woken by each commit); settling removes an entry in a later group
-//! commit; a dead letter is stored in the journal with the event.
+//! Embedded mode's `Inbox`: the journal. Deliveries are its live records
+//! read in log order (woken by each commit); settling marks a record
+//! settled; a dead letter is stored in the journal with the event.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -8,10 +8,9 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
-use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use super::journal::{Appended, Journal, JournalHealth, Record};
+use super::journal::{Appended, Entry as LogEntry, Journal, JournalHealth, Loc, LogReader, Record};
 use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
 use crate::domain::clock::instant_of;
 use crate::domain::{DeadLetter, DeadLetterSink, Source};
@@ -26,35 +25,34 @@ impl DeadLetterSink for Journal {
     }
 }
 
-/// A journal entry's settle handle.
+/// A journal record's settle handle.
 struct Entry {
     journal: Journal,
-    seq: u64,
+    at: Loc,
 }
 
 impl Settle for Entry {
     fn settled(self: Box<Self>) {
-        self.journal.settle(self.seq);
+        self.journal.settle(self.at.seq);
     }
 
-    fn dead_lettered(self: Box<Self>, dl: DeadLetter, _body: Vec<u8>) {
-        // Ordered before the settle by the journal's single writer.
-        self.journal.dead_letter(dl);
-        self.journal.settle(self.seq);
+    fn dead_lettered(self: Box<Self>, mut dl: DeadLetter, _body: Vec<u8>) {
+        // Ordered before the settle by the journal's single writer; the
+        // event is filled in from the record.
+        dl.event = serde_json::Value::Null;
+        self.journal.dead_letter_for(self.at, dl);
+        self.journal.settle(self.at.seq);
     }
 }
 
-fn delivery(journal: &Journal, seq: u64, record: Record) -> Delivery {
+fn delivery(journal: &Journal, entry: LogEntry) -> Delivery {
+    let LogEntry { loc, record } = entry;
     let (id, received, content) = match record {
         Record::Event {
             id,
             received_unix_ms,
             body,
-        } => (
-            id,
-            received_unix_ms,
-            Content::Event(body.get().as_bytes().to_vec()),
-        ),
+        } => (id, received_unix_ms, Content::Event(body)),
         Record::Replay {
             received_unix_ms,
             dead_letter,
@@ -76,28 +74,27 @@ fn delivery(journal: &Journal, seq: u64, record: Record) -> Delivery {
         content,
         receipt: Box::new(Entry {
             journal: journal.clone(),
-            seq,
+            at: loc,
         }),
     }
 }
 
-/// Where the reader is: the next seq to read, and entries read but not yet
-/// handed on.
+/// Where the reader is, and records read but not yet handed on.
 struct Reader {
     journal: Journal,
-    cursor: u64,
-    buffer: VecDeque<(u64, Record)>,
+    log: LogReader,
+    buffer: VecDeque<LogEntry>,
     stop: CancellationToken,
 }
 
 impl Reader {
     async fn next(&mut self) -> Option<Delivery> {
         loop {
-            if let Some((seq, record)) = self.buffer.pop_front() {
-                return Some(delivery(&self.journal, seq, record));
+            if let Some(entry) = self.buffer.pop_front() {
+                return Some(delivery(&self.journal, entry));
             }
             let read = tokio::select! {
-                r = self.journal.read_from(self.cursor, READ_AHEAD) => r,
+                r = self.log.next_batch(READ_AHEAD) => r,
                 _ = self.stop.cancelled() => return None,
             };
             match read {
@@ -114,19 +111,14 @@ impl Reader {
                         _ = self.stop.cancelled() => return None,
                     }
                 }
-                Ok(entries) => {
-                    if let Some((last, _)) = entries.last() {
-                        self.cursor = last + 1;
-                    }
-                    self.buffer.extend(entries);
-                }
+                Ok(entries) => self.buffer.extend(entries),
             }
         }
     }
 }
 
 impl Inbox for Journal {
-    fn store<'a>(&'a self, id: &'a str, body: Box<RawValue>) -> InboxFuture<'a, Stored> {
+    fn store<'a>(&'a self, id: &'a str, body: Vec<u8>) -> InboxFuture<'a, Stored> {
         async move {
             Ok(match self.append(id, body).await? {
                 Appended::New(_) => Stored::New,
@@ -139,7 +131,7 @@ impl Inbox for Journal {
     fn deliveries(&self, stop: CancellationToken) -> BoxStream<'static, Delivery> {
         let reader = Reader {
             journal: self.clone(),
-            cursor: 0,
+            log: self.reader(),
             buffer: VecDeque::new(),
             stop,
         };

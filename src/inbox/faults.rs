@@ -1,8 +1,10 @@
-//! Test hook: a redb storage backend over the journal's real file that fails
-//! writes, syncs, resizes or opens on demand (ENOSPC, EIO, EACCES, ...) and
-//! heals later, so the journal's fault handling can be shown
-//! deterministically. Production never builds one: `JournalSettings::faults`
-//! is `None` unless a test sets it.
+//! Test hook: a switchboard that makes the journal's storage fail writes,
+//! syncs, resizes or opens on demand (ENOSPC, EIO, EACCES, ...) and heal
+//! later, so the journal's fault handling can be shown deterministically.
+//! It sits under both of the journal's stores: the event log's files (see
+//! `journal::log`, which asks `check_write` / `check_open` before each
+//! operation) and the redb state file (a `StorageBackend`). Production never
+//! builds one: `JournalSettings::faults` is `None` unless a test sets it.
 
 use std::fmt;
 use std::fs::OpenOptions;
@@ -82,10 +84,7 @@ impl StorageFaults {
 
     /// Opens (or creates) `path` as a backend that obeys this switchboard.
     pub(crate) fn open(&self, path: &Path) -> io::Result<FaultyBackend> {
-        if let Some(errno) = *self.state.opens.lock() {
-            self.state.injected.fetch_add(1, Ordering::Relaxed);
-            return Err(io::Error::from_raw_os_error(errno));
-        }
+        self.check_open()?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -93,11 +92,25 @@ impl StorageFaults {
             .truncate(false)
             .open(path)?;
         let inner = FileBackend::new(file).map_err(io::Error::other)?;
-        self.state.opened.fetch_add(1, Ordering::Relaxed);
         Ok(FaultyBackend {
             inner,
             faults: self.clone(),
         })
+    }
+
+    /// Whether a write, resize or sync may go ahead now.
+    pub(crate) fn check_write(&self) -> io::Result<()> {
+        self.check()
+    }
+
+    /// Whether a file may be opened or created now.
+    pub(crate) fn check_open(&self) -> io::Result<()> {
+        if let Some(errno) = *self.state.opens.lock() {
+            self.state.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        self.state.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn check(&self) -> io::Result<()> {

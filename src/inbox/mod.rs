@@ -20,7 +20,6 @@ pub mod lease;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
-use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -99,8 +98,9 @@ pub struct Delivery {
 
 /// The durable home of accepted events.
 pub trait Inbox: DeadLetterSink + Send + Sync + 'static {
-    /// Stores an accepted webhook durably, or says it has it already.
-    fn store<'a>(&'a self, id: &'a str, body: Box<RawValue>) -> InboxFuture<'a, Stored>;
+    /// Stores an accepted webhook (its body as received) durably, or says
+    /// it has it already.
+    fn store<'a>(&'a self, id: &'a str, body: Vec<u8>) -> InboxFuture<'a, Stored>;
 
     /// Accepted events, oldest first, starting with whatever a previous
     /// run left unsettled; ends when `stop` fires. Taken once, by the

@@ -240,8 +240,8 @@ async fn accept(
         RuleError::UnknownType(t) => WebhookError::UnknownType(t),
         RuleError::Field(p) => WebhookError::Invalid(p),
     })?;
-    let compact = serde_json::value::to_raw_value(&event).expect("an Event always serializes");
-    match state.inbox.store(id, compact).await {
+    // Stored as received: it parsed, and it is what the sender signed.
+    match state.inbox.store(id, body).await {
         Ok(Stored::New) => {
             state.metrics.event_received(Source::Webhook, &event.kind);
             tracing::debug!(kind = %event.kind, "event accepted");

@@ -505,7 +505,7 @@ async fn an_unparseable_journal_entry_is_dead_lettered_as_malformed() {
     settings.batching.linger_ms = 10;
     let app = TestApp::spawn(settings).await;
     let journal = app.journal.clone().expect("embedded mode");
-    let bad = serde_json::value::to_raw_value(&json!({"type": "user.banned", "data": {}})).unwrap();
+    let bad = serde_json::to_vec(&json!({"type": "user.banned", "data": {}})).unwrap();
     journal.append("jm-bad", bad).await.unwrap();
     let r = app
         .post_event(
