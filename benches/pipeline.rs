@@ -495,7 +495,7 @@ async fn run_latency(rep: &mut Report) {
 }
 
 async fn run_memory(rep: &mut Report) {
-    let bin = memory::binary();
+    let bin = common::binary();
     println!(
         "\n== 4. Memory: {} serve (broker mode, default prefetch and max_pending_items) draining a backlog from RabbitMQ; VmRSS every 100 ms",
         bin.display()

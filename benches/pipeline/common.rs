@@ -1,9 +1,11 @@
-//! Shared plumbing: the emulator at the vendor's 200 calls/s, the service
-//! built in-process, signed webhooks, and the load generator every ingest
-//! figure is measured with.
+//! Shared plumbing: the emulator at the vendor's 200 calls/s (in-process or
+//! as a process of its own), the service built in-process or run as the
+//! real binary, signed webhooks, the in-process load generator, reading
+//! /proc and /metrics from outside, and RabbitMQ helpers.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,10 +14,12 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use chat_janitor::app::Application;
 use chat_janitor::config::{self, Settings};
-use chat_janitor::emulator::{Emulator, EmulatorConfig, RunningEmulator};
+use chat_janitor::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed};
 use chat_janitor::ingest::signature;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
-use lapin::types::ShortString;
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use secrecy::SecretString;
 
@@ -166,6 +170,254 @@ impl RunningApp {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- processes
+
+/// The binary `cargo bench` built beside this bench (the bench profile,
+/// `target/release/chat-janitor`).
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_chat-janitor"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `kB` field of /proc/<pid>/status (`VmRSS:`, `VmHWM:`).
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
+    })
+}
+
+/// The fields of a /proc `stat` file after the command name (which ends
+/// with ')' and may hold spaces): index 0 is the state, 11 utime, 12
+/// stime, 13 cutime, 14 cstime (clock ticks).
+fn stat_fields(text: &str) -> Vec<u64> {
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace()
+        .map(|x| x.parse::<u64>().unwrap_or(0))
+        .collect()
+}
+
+/// utime + stime of a process (all its threads, the exited ones too) or of
+/// one thread (`/proc/<pid>/task/<tid>/stat`), in clock ticks.
+pub fn stat_ticks(path: &str) -> Option<u64> {
+    let f = stat_fields(&std::fs::read_to_string(path).ok()?);
+    Some(f.get(11)? + f.get(12)?)
+}
+
+/// A child process whose stderr goes to a file; killed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+    pub exited: Option<std::process::ExitStatus>,
+}
+
+impl Proc {
+    pub fn new(name: &str, child: Child, log: PathBuf) -> Proc {
+        Proc {
+            name: name.to_owned(),
+            child,
+            log,
+            exited: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn running(&mut self) -> bool {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().ok().flatten();
+        }
+        self.exited.is_none()
+    }
+
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        self.exited = self.child.wait().ok();
+    }
+
+    /// SIGTERM, then wait up to `secs` (SIGKILL after); whether it exited 0.
+    pub async fn terminate(&mut self, secs: u64) -> bool {
+        if !self.running() {
+            return self.exited.is_some_and(|s| s.success());
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.running() {
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "  {} did not exit {secs} s after SIGTERM; killing it",
+                    self.name
+                );
+                self.kill9();
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ok = self.exited.is_some_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "  {} exited {:?} on SIGTERM:\n{}",
+                self.name,
+                self.exited,
+                self.log_tail(20)
+            );
+        }
+        ok
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `chat-janitor emulator --rate 200` as a process of its own (so its CPU is
+/// not charged to the service), on a free port.
+pub struct EmulatorProc {
+    pub proc: Proc,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl EmulatorProc {
+    pub fn start(dir: &Path) -> EmulatorProc {
+        use std::io::BufRead;
+        let log = dir.join("emulator.log");
+        let mut child = Command::new(binary())
+            .args(["emulator", "--listen", "127.0.0.1:0", "--rate"])
+            .arg(VENDOR_RATE.to_string())
+            .args(["--secret-key", KEY, "--admin", ADMIN])
+            .arg("--sdkappid")
+            .arg(SDKAPPID.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("emulator log"))
+            .spawn()
+            .expect("chat-janitor emulator starts");
+        let mut line = String::new();
+        let out = child.stdout.take().expect("stdout");
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .expect("the emulator prints its address");
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .trim_end_matches('/')
+            .to_owned();
+        EmulatorProc {
+            proc: Proc::new("emulator", child, log),
+            url,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn seed(&self, seed: &Seed) {
+        let r = self
+            .http
+            .post(format!("{}/emulator/seed", self.url))
+            .json(seed)
+            .send()
+            .await
+            .expect("seed");
+        assert!(r.status().is_success(), "seed: {}", r.status());
+    }
+}
+
+/// `chat-janitor serve` configured like a deployment pointed at `upstream`
+/// (the embedded emulator off, the bench's credentials and webhook secret),
+/// its journal under `dir`, which is also its working directory. Callers add
+/// the listen address, the mode and where stderr goes.
+pub fn serve_command(dir: &Path, upstream: &str) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.arg("serve")
+        .current_dir(dir)
+        .env("CHAT_JANITOR__EMULATOR__EMBEDDED", "false")
+        .env("CHAT_JANITOR__TENCENT__BASE_URL", upstream)
+        .env("CHAT_JANITOR__TENCENT__SECRET_KEY", KEY)
+        .env("CHAT_JANITOR__TENCENT__ADMIN_IDENTIFIER", ADMIN)
+        .env("CHAT_JANITOR__JOURNAL__PATH", dir.join("journal"))
+        .env("CHAT_JANITOR__WEBHOOK__SECRETS", SECRET)
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// Waits (up to `limit`) for a `serve` process started with port 0 to log
+/// "chat-janitor serving" (JSON, at info) and returns the port.
+pub async fn serving_port(proc: &mut Proc, limit: Duration) -> u16 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(&proc.log).unwrap_or_default();
+        let port = text
+            .lines()
+            .filter(|l| l.contains("chat-janitor serving"))
+            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .and_then(|v| v["port"].as_u64());
+        if let Some(p) = port {
+            return p as u16;
+        }
+        if !proc.running() || Instant::now() >= deadline {
+            panic!(
+                "{} never logged its port ({:?}):\n{}",
+                proc.name,
+                proc.exited,
+                proc.log_tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sum of the samples of metric `name` (Prometheus text) whose labels
+/// contain `labels` (`""`: all of them); `None` if there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let value = if let Some(r) = rest.strip_prefix('{') {
+            r.split_once('}')
+                .filter(|(l, _)| l.contains(labels))
+                .map(|(_, v)| v)
+        } else if rest.starts_with(' ') && labels.is_empty() {
+            Some(rest)
+        } else {
+            None
+        };
+        if let Some(v) = value.and_then(|v| v.trim().parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
 }
 
 // ---------------------------------------------------------------- load generator
@@ -339,14 +591,20 @@ pub fn unique_queue(what: &str) -> String {
     )
 }
 
-/// Deletes the queue, its dead-letter queue and exchange (a fresh channel
+/// Deletes what the service declares for `queue`: the work queue, its lock
+/// queue, dead letters, the dead-letter log and exchange (a fresh channel
 /// each: a failed delete closes its channel).
 pub async fn delete_queue(queue: &str) {
     let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
         eprintln!("  (could not connect to delete {queue})");
         return;
     };
-    for q in [queue.to_owned(), format!("{queue}.dead")] {
+    for q in [
+        queue.to_owned(),
+        format!("{queue}.leader"),
+        format!("{queue}.dead"),
+        format!("{queue}.dead-log"),
+    ] {
         let Ok(ch) = conn.create_channel().await else {
             continue;
         };
@@ -370,6 +628,29 @@ pub async fn delete_queue(queue: &str) {
         }
     }
     let _ = conn.close(200, ShortString::from("bench done")).await;
+}
+
+/// Ready messages in `queue` (a passive declare); `None` if it does not
+/// exist or the broker cannot be reached.
+pub async fn ready_messages(queue: &str) -> Option<u32> {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .ok()?;
+    let ch = conn.create_channel().await.ok()?;
+    let n = ch
+        .queue_declare(
+            ShortString::from(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count());
+    let _ = conn.close(200, ShortString::from("bye")).await;
+    n
 }
 
 /// Publishes requests `0..n` (body as the message, id as `message_id`,
@@ -482,13 +763,7 @@ fn proc_stat() -> (u64, u64) {
 }
 
 pub fn self_ticks() -> u64 {
-    let text = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which ends with ')').
-    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime is field 14, stime 15 (1-based): indices 11 and 12 here.
-    f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+    stat_ticks("/proc/self/stat").unwrap_or(0)
 }
 
 impl CpuMeter {
@@ -559,10 +834,7 @@ pub fn beam_ticks() -> Option<u64> {
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if comm.trim() == "beam.smp" {
-            let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+            return stat_ticks(&format!("/proc/{pid}/stat"));
         }
     }
     None

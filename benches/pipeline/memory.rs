@@ -4,7 +4,6 @@
 //! VmRSS / VmHWM are sampled from /proc every 100 ms.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,26 +62,6 @@ impl MemoryResult {
     }
 }
 
-fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix(field)
-            .and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok())
-    })
-}
-
-pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_chat-janitor"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Service {
     child: tokio::process::Child,
     port: u16,
@@ -94,19 +73,11 @@ impl Service {
         let port = free_port();
         let log = dir.join(format!("serve-{port}.log"));
         let out = std::fs::File::create(&log).expect("log file");
-        let child = tokio::process::Command::new(binary())
-            .arg("serve")
-            .current_dir(dir)
+        let child = tokio::process::Command::from(serve_command(dir, upstream))
             .env("CHAT_JANITOR__AMQP__URL", AMQP_URL)
             .env("CHAT_JANITOR__AMQP__QUEUE", queue)
-            .env("CHAT_JANITOR__EMULATOR__EMBEDDED", "false")
-            .env("CHAT_JANITOR__TENCENT__BASE_URL", upstream)
-            .env("CHAT_JANITOR__TENCENT__SECRET_KEY", KEY)
-            .env("CHAT_JANITOR__TENCENT__ADMIN_IDENTIFIER", ADMIN)
             .env("CHAT_JANITOR__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("CHAT_JANITOR__JOURNAL__PATH", dir.join("journal"))
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
             .stderr(out)
             .kill_on_drop(true)
             .spawn()

@@ -11,15 +11,10 @@
 //! `message_id` set): 100,000 `delete_subscriber` items, 1,000 full calls,
 //! 5 s at 200 calls/s.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chat_janitor::emulator::{CallRecord, Seed, SeedChannel, Stats};
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 
 use crate::common::*;
@@ -34,12 +29,6 @@ pub const MIN_CALLS: u64 = ITEMS / 100;
 const API: &str = "delete_subscriber";
 /// The leader is killed (row C) once this many calls went upstream.
 const KILL_AFTER_CALLS: u64 = 300;
-
-/// The binary `cargo bench` built beside this bench (the bench profile,
-/// `target/release/chat-janitor`).
-pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_chat-janitor"))
-}
 
 fn user(i: usize) -> String {
     format!("rpu{i}")
@@ -64,138 +53,8 @@ fn encode(s: &str) -> String {
 
 // ---------------------------------------------------------------- processes
 
-/// A child process whose stderr goes to a file; killed on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-    exited: Option<std::process::ExitStatus>,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn running(&mut self) -> bool {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().ok().flatten();
-        }
-        self.exited.is_none()
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        self.exited = self.child.wait().ok();
-    }
-
-    /// SIGTERM, then wait up to `secs` (SIGKILL after); whether it exited 0.
-    async fn terminate(&mut self, secs: u64) -> bool {
-        if !self.running() {
-            return self.exited.is_some_and(|s| s.success());
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while self.running() {
-            if Instant::now() >= deadline {
-                eprintln!(
-                    "  {} did not exit {secs} s after SIGTERM; killing it",
-                    self.name
-                );
-                self.kill9();
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let ok = self.exited.is_some_and(|s| s.success());
-        if !ok {
-            eprintln!(
-                "  {} exited {:?} on SIGTERM:\n{}",
-                self.name,
-                self.exited,
-                self.log_tail(20)
-            );
-        }
-        ok
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `chat-janitor emulator` on a free port.
-struct Emulator {
-    proc: Proc,
-    url: String,
-    http: reqwest::Client,
-}
-
-impl Emulator {
-    fn start(dir: &Path) -> Emulator {
-        use std::io::BufRead;
-        let log = dir.join("emulator.log");
-        let mut child = Command::new(binary())
-            .args(["emulator", "--listen", "127.0.0.1:0", "--rate"])
-            .arg(VENDOR_RATE.to_string())
-            .args(["--secret-key", KEY, "--admin", ADMIN])
-            .arg("--sdkappid")
-            .arg(SDKAPPID.to_string())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("emulator log"))
-            .spawn()
-            .expect("chat-janitor emulator starts");
-        let mut line = String::new();
-        let out = child.stdout.take().expect("stdout");
-        std::io::BufReader::new(out)
-            .read_line(&mut line)
-            .expect("the emulator prints its address");
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .trim_end_matches('/')
-            .to_owned();
-        Emulator {
-            proc: Proc {
-                name: "emulator".into(),
-                child,
-                log,
-                exited: None,
-            },
-            url,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
-        }
-    }
-
-    async fn seed(&self, seed: &Seed) {
-        let r = self
-            .http
-            .post(format!("{}/emulator/seed", self.url))
-            .json(seed)
-            .send()
-            .await
-            .expect("seed");
-        assert!(r.status().is_success(), "seed: {}", r.status());
-    }
-
+/// What this section reads back from the emulator process.
+impl EmulatorProc {
     async fn stats(&self) -> ApiStatsView {
         let s: Stats = self
             .http
@@ -279,64 +138,28 @@ impl Replica {
     fn spawn(name: &str, upstream: &str, queue: &str) -> (Proc, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("serve.log");
-        let child = Command::new(binary())
-            .arg("serve")
-            .current_dir(dir.path())
+        let child = serve_command(dir.path(), upstream)
             .env("RUST_LOG", "info")
             .env("CHAT_JANITOR__AMQP__URL", AMQP_URL)
             .env("CHAT_JANITOR__AMQP__QUEUE", queue)
             .env("CHAT_JANITOR__SERVER__LISTEN", "127.0.0.1:0")
-            .env("CHAT_JANITOR__EMULATOR__EMBEDDED", "false")
-            .env("CHAT_JANITOR__TENCENT__BASE_URL", upstream)
-            .env("CHAT_JANITOR__TENCENT__SECRET_KEY", KEY)
-            .env("CHAT_JANITOR__TENCENT__ADMIN_IDENTIFIER", ADMIN)
             .env(
                 "CHAT_JANITOR__TENCENT__REQUESTS_PER_SECOND",
                 VENDOR_RATE.to_string(),
             )
-            .env("CHAT_JANITOR__JOURNAL__PATH", dir.path().join("journal"))
-            .env("CHAT_JANITOR__WEBHOOK__SECRETS", SECRET)
-            .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("serve log"))
             .spawn()
             .expect("chat-janitor serve starts");
-        (
-            Proc {
-                name: name.to_owned(),
-                child,
-                log,
-                exited: None,
-            },
-            dir,
-        )
+        (Proc::new(name, child, log), dir)
     }
 
     /// Waits for the "chat-janitor serving" line and its port.
     async fn ready(mut proc: Proc, dir: tempfile::TempDir) -> Replica {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = std::fs::read_to_string(&proc.log).unwrap_or_default();
-            let port = text
-                .lines()
-                .filter(|l| l.contains("chat-janitor serving"))
-                .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .and_then(|v| v["port"].as_u64());
-            if let Some(p) = port {
-                return Replica {
-                    proc,
-                    port: p as u16,
-                    _dir: dir,
-                };
-            }
-            if !proc.running() || Instant::now() >= deadline {
-                panic!(
-                    "{} never logged its port ({:?}):\n{}",
-                    proc.name,
-                    proc.exited,
-                    proc.log_tail(30)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let port = serving_port(&mut proc, Duration::from_secs(60)).await;
+        Replica {
+            proc,
+            port,
+            _dir: dir,
         }
     }
 
@@ -349,23 +172,7 @@ impl Replica {
             .text()
             .await
             .ok()?;
-        let mut found = None;
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let Some(rest) = line.strip_prefix(name) else {
-                continue;
-            };
-            let value = if let Some(r) = rest.strip_prefix('{') {
-                r.split_once('}').map(|(_, v)| v)
-            } else if rest.starts_with(' ') {
-                Some(rest)
-            } else {
-                None
-            };
-            if let Some(v) = value.and_then(|v| v.trim().parse::<f64>().ok()) {
-                *found.get_or_insert(0.0) += v;
-            }
-        }
-        found
+        metric_sum(&text, name, "")
     }
 
     async fn active(&self, http: &reqwest::Client) -> bool {
@@ -396,59 +203,6 @@ async fn sole_active(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-// ---------------------------------------------------------------- broker
-
-async fn ready_messages(queue: &str) -> Option<u32> {
-    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
-        .await
-        .ok()?;
-    let ch = conn.create_channel().await.ok()?;
-    let n = ch
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()
-        .map(|q| q.message_count());
-    let _ = conn.close(200, ShortString::from("bye")).await;
-    n
-}
-
-/// The work queue, its lock queue, dead letters and their exchange.
-async fn delete_all(queue: &str) {
-    let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
-        eprintln!("  (could not connect to delete {queue})");
-        return;
-    };
-    for q in [
-        queue.to_owned(),
-        format!("{queue}.leader"),
-        format!("{queue}.dead"),
-        format!("{queue}.dead-log"),
-    ] {
-        // A failed command closes its channel: one channel each.
-        if let Ok(ch) = conn.create_channel().await {
-            let _ = ch
-                .queue_delete(ShortString::from(q.as_str()), QueueDeleteOptions::default())
-                .await;
-        }
-    }
-    if let Ok(ch) = conn.create_channel().await {
-        let _ = ch
-            .exchange_delete(
-                ShortString::from(format!("{queue}.dlx").as_str()),
-                Default::default(),
-            )
-            .await;
-    }
-    let _ = conn.close(200, ShortString::from("bench done")).await;
 }
 
 // ---------------------------------------------------------------- a run
@@ -537,7 +291,7 @@ fn busiest_second(calls: &[CallRecord]) -> usize {
 /// SIGKILL once `KILL_AFTER_CALLS` calls went upstream.
 pub async fn run(n: usize, kill: bool, timeout: Duration) -> RunResult {
     let dir = tempfile::tempdir().expect("temp dir");
-    let emu = Emulator::start(dir.path());
+    let emu = EmulatorProc::start(dir.path());
     let users: Vec<String> = (0..MEMBERS).map(user).collect();
     emu.seed(&Seed {
         channels: (0..CHANNELS)
@@ -757,7 +511,7 @@ pub async fn run(n: usize, kill: bool, timeout: Duration) -> RunResult {
     drop(replicas);
     let mut emu_proc = emu.proc;
     emu_proc.terminate(10).await;
-    delete_all(&queue).await;
+    delete_queue(&queue).await;
 
     RunResult {
         replicas: n,
