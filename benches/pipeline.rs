@@ -19,15 +19,23 @@
 //! 6. Replicas: 1 and 3 real `serve` processes (broker mode, 200/s each)
 //!    draining a 100,000-removal RabbitMQ backlog against the emulator run
 //!    as its own process; then kill -9 of the leader mid-drain.
+//! 7. External: what users measure (issue 13). wrk -t1 -c64 over pre-signed
+//!    requests against the real `serve` process and a bare actix-web
+//!    handler process, alternating: fresh, after 1,000,000 ids were
+//!    accepted, with mixed events; then peak RSS at the pending bound in
+//!    embedded and broker mode. `-- --only external --quick` fills 200,000
+//!    ids instead (its dedupe-window goal is then not judged).
 //!
 //! Prints a table (and a markdown copy, also written to
-//! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas`
+//! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas,external`
 //! runs a subset (results.md is then left alone).
 
 #[path = "pipeline/common.rs"]
 mod common;
 #[path = "pipeline/drain.rs"]
 mod drain;
+#[path = "pipeline/external.rs"]
+mod external;
 #[path = "pipeline/ingest.rs"]
 mod ingest;
 #[path = "pipeline/latency.rs"]
@@ -45,8 +53,8 @@ use common::{machine, sh, CpuMeter, VENDOR_RATE};
 use drain::{Burst, Via};
 use report::{Report, Verdict};
 
-const SECTIONS: [&str; 6] = [
-    "drain", "follows", "ingest", "latency", "memory", "replicas",
+const SECTIONS: [&str; 7] = [
+    "drain", "follows", "ingest", "latency", "memory", "replicas", "external",
 ];
 
 /// 100,000 unsubscribes over 200 channels: 5,000 bans naming 20 channels each.
@@ -576,6 +584,11 @@ async fn run_memory(rep: &mut Report) {
 }
 
 fn main() {
+    // Section 7 runs this binary again as the bare handler it compares with.
+    if std::env::var_os(external::BARE_ENV).is_some() {
+        external::serve_bare();
+        return;
+    }
     let args: Vec<String> = std::env::args().collect();
     let only: Vec<String> = args
         .iter()
@@ -597,11 +610,14 @@ fn main() {
             if dirty { " + uncommitted changes" } else { "" }
         )
     };
-    let command = if full {
+    let mut command = if full {
         "cargo bench --bench pipeline".to_owned()
     } else {
         format!("cargo bench --bench pipeline -- --only {}", only.join(","))
     };
+    if args.iter().any(|a| a == "--quick") {
+        command += if full { " -- --quick" } else { " --quick" };
+    }
     println!("chat-janitor pipeline benchmark");
     println!("machine: {cores} cores (nproc), {mem} memory, {cpu}");
     println!("date: {date}; git: {git}; command: {command}");
@@ -632,6 +648,9 @@ fn main() {
         }
         if want("replicas") {
             replicas::section(&mut rep).await;
+        }
+        if want("external") {
+            external::section(&mut rep).await;
         }
     });
     let took = started.elapsed();

@@ -210,8 +210,20 @@ fn stat_fields(text: &str) -> Vec<u64> {
 /// utime + stime of a process (all its threads, the exited ones too) or of
 /// one thread (`/proc/<pid>/task/<tid>/stat`), in clock ticks.
 pub fn stat_ticks(path: &str) -> Option<u64> {
-    let f = stat_fields(&std::fs::read_to_string(path).ok()?);
+    ticks_in(&std::fs::read_to_string(path).ok()?)
+}
+
+/// utime + stime from the text of a /proc `stat` file.
+pub fn ticks_in(stat: &str) -> Option<u64> {
+    let f = stat_fields(stat);
     Some(f.get(11)? + f.get(12)?)
+}
+
+/// CPU of this process's children that were waited for (cutime + cstime),
+/// in clock ticks: what a `wrk` run cost, once it exited.
+pub fn children_ticks() -> u64 {
+    let f = stat_fields(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default());
+    f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0)
 }
 
 /// A child process whose stderr goes to a file; killed on drop.
@@ -418,6 +430,36 @@ pub fn metric_sum(text: &str, name: &str, labels: &str) -> Option<f64> {
         }
     }
     found
+}
+
+/// The samples of metric `name` whose labels contain `labels`, summed by
+/// the value of label `key`.
+pub fn metric_by_label(text: &str, name: &str, labels: &str, key: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let prefix = format!("{key}=\"");
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((l, v)) = line
+            .strip_prefix(name)
+            .and_then(|r| r.strip_prefix('{'))
+            .and_then(|r| r.split_once('}'))
+        else {
+            continue;
+        };
+        if !l.contains(labels) {
+            continue;
+        }
+        let Some(k) = l
+            .split(',')
+            .find_map(|kv| kv.strip_prefix(prefix.as_str()))
+            .map(|k| k.trim_end_matches('"'))
+        else {
+            continue;
+        };
+        if let Ok(v) = v.trim().parse::<f64>() {
+            *out.entry(k.to_owned()).or_default() += v;
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------- load generator
@@ -746,7 +788,8 @@ pub struct CpuMeter {
     me: u64,
 }
 
-fn proc_stat() -> (u64, u64) {
+/// The machine's CPU ticks, all cores: (total, busy).
+pub fn proc_stat() -> (u64, u64) {
     let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
         return (0, 0);
