@@ -17,6 +17,7 @@ pub mod embedded;
 pub mod faults;
 pub mod journal;
 pub mod lease;
+pub mod sweep_log;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
