@@ -74,6 +74,9 @@ pub enum Content {
         event: Vec<u8>,
         action: Option<Action>,
     },
+    /// Broker mode: a sweep command (see `sweep_log`), for the sweeps
+    /// rather than the pipeline.
+    Sweep(Vec<u8>),
 }
 
 /// How a delivery is settled with the inbox it came from.
