@@ -299,6 +299,10 @@ async fn sweeps_answer_after_restarts_and_ids_never_repeat() {
     let (x, y) = tokio::join!(start_sweep(&a, &[], true), start_sweep(&b, &[], true));
     assert!(x != y, "two replicas gave out {x} and {y}");
     assert!(x > first && y > first, "{x}, {y} after {first}");
+    // An id no replica gave out is not found (after reading the log up to
+    // now), rather than waited for.
+    let (code, body) = sweep_status(&b, x.max(y) + 1000).await;
+    assert_eq!(code, 404, "{body}");
     for (base, id) in [(&a, x), (&b, y)] {
         let s = finished_sweep(base, id).await;
         assert_eq!(s["state"], "done", "{s}");
