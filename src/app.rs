@@ -102,7 +102,7 @@ impl Application {
             );
             lease = Some(handle);
             store = SweepStore::Broker {
-                log: SweepLog::start(link.clone(), KEEP_FINISHED, intake_stop.clone()),
+                log: SweepLog::new(link.clone(), KEEP_FINISHED, intake_stop.clone()),
                 active: active.clone(),
             };
             (

@@ -886,7 +886,7 @@ impl Sweeps {
 /// id, then its command on the work queue. If the command cannot be
 /// queued, the log says so (best effort) and the caller gets an error.
 async fn enqueue(
-    log: &SweepLog,
+    log: &Arc<SweepLog>,
     mut queued: Saved,
     deny: HashSet<String>,
 ) -> Result<u64, StartError> {

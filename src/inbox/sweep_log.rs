@@ -16,12 +16,13 @@
 //!   for the life of the stream, with no counter of ours to keep. The
 //!   replica that publishes the record learns its offset from its own
 //!   reader, which sees it come by (matched on a token header).
-//! - **Every replica reads the whole log.** A reader of its own (a
-//!   connection without automatic recovery; on loss it reconnects and
-//!   carries on from the next offset) folds the records into the latest
-//!   checkpoint and progress of each sweep: the running ones and the newest
-//!   finished ones. So `GET` answers from memory, on any replica, and
-//!   after a restart (the reader starts from the first offset).
+//! - **Every replica reads the whole log**, from the first time it is asked
+//!   about a sweep. A reader of its own (a connection without automatic
+//!   recovery; on loss it reconnects and carries on from the next offset)
+//!   folds the records into the latest checkpoint and progress of each
+//!   sweep: the running ones and the newest finished ones. So `GET`
+//!   answers from memory, on any replica, and after a restart (the reader
+//!   starts from the first offset).
 //! - **Read your own writes.** A reader may lag behind a record another
 //!   replica confirmed a moment ago. [`SweepLog::sync`] appends a cursor
 //!   and waits until the reader passed it: everything published before is
@@ -37,7 +38,7 @@
 //! deleting the embedded journal, it forgets every sweep.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -188,17 +189,22 @@ pub struct SweepLog {
     name: String,
     declared: OnceCell<()>,
     folded: Mutex<Folded>,
+    /// Set once the reader runs.
+    reading: OnceLock<()>,
+    stop: CancellationToken,
 }
 
 impl SweepLog {
-    /// Starts reading the log of the link's queue (declaring it), keeping
-    /// the newest `keep_finished` finished sweeps; runs until `stop` fires.
-    pub fn start(
+    /// The log of the link's queue, keeping the newest `keep_finished`
+    /// finished sweeps. Nothing is declared or read until a sweep is first
+    /// asked about (a replica that never sees one costs the broker
+    /// nothing); the reader then runs until `stop` fires.
+    pub fn new(
         link: Arc<BrokerLink>,
         keep_finished: usize,
         stop: CancellationToken,
     ) -> Arc<SweepLog> {
-        let log = Arc::new(SweepLog {
+        Arc::new(SweepLog {
             name: sweep_log_name(&link.queue),
             link,
             declared: OnceCell::new(),
@@ -206,18 +212,26 @@ impl SweepLog {
                 keep_finished,
                 ..Folded::default()
             }),
+            reading: OnceLock::new(),
+            stop,
+        })
+    }
+
+    /// Starts the reader, once.
+    fn read_on(self: &Arc<Self>) {
+        self.reading.get_or_init(|| {
+            tokio::spawn(self.clone().read(self.stop.clone()));
         });
-        tokio::spawn(log.clone().read(stop));
-        log
     }
 
     /// What the log says about sweep `id`, as far as it was read.
-    pub fn get(&self, id: u64) -> Option<Logged> {
+    pub fn get(self: &Arc<Self>, id: u64) -> Option<Logged> {
+        self.read_on();
         self.folded.lock().sweeps.get(&id).cloned()
     }
 
     /// Publishes a new sweep's first record (confirmed); its id.
-    pub async fn create(&self, record: &[u8]) -> Result<u64, BrokerError> {
+    pub async fn create(self: &Arc<Self>, record: &[u8]) -> Result<u64, BrokerError> {
         Ok(self.publish_seen("created", record).await? + 1)
     }
 
@@ -241,7 +255,7 @@ impl SweepLog {
 
     /// Returns once everything published to the log before the call has
     /// been read.
-    pub async fn sync(&self) -> Result<(), BrokerError> {
+    pub async fn sync(self: &Arc<Self>) -> Result<(), BrokerError> {
         self.publish_seen("cursor", b"").await.map(|_| ())
     }
 
@@ -262,7 +276,8 @@ impl SweepLog {
 
     /// Publishes a record of `kind` with a fresh token and waits until the
     /// reader sees it; its offset.
-    async fn publish_seen(&self, kind: &str, body: &[u8]) -> Result<u64, BrokerError> {
+    async fn publish_seen(self: &Arc<Self>, kind: &str, body: &[u8]) -> Result<u64, BrokerError> {
+        self.read_on();
         self.ensure_declared().await?;
         let token = format!("{:032x}", rand::random::<u128>());
         let (tx, rx) = oneshot::channel();
