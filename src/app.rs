@@ -20,6 +20,7 @@ use crate::inbox::broker::BrokerLink;
 use crate::inbox::consumer::BrokerInbox;
 use crate::inbox::journal::{Journal, DEDUPE_WINDOW_SECS};
 use crate::inbox::lease::{LeaderLease, LeaseHandle};
+use crate::inbox::sweep_log::SweepLog;
 use crate::inbox::Inbox;
 use crate::ingest::http::{self, HttpState};
 use crate::ingest::signature::Verifier;
@@ -27,7 +28,7 @@ use crate::intake;
 use crate::pipeline::{Pipeline, PipelineHandles};
 use crate::resolve::Planner;
 use crate::rules::Rules;
-use crate::sweep::{spawn_subscriber_counts, Sweeps};
+use crate::sweep::{spawn_subscriber_counts, SweepStore, Sweeps, KEEP_FINISHED};
 use crate::telemetry::Metrics;
 use crate::tencent::TencentClient;
 
@@ -79,6 +80,8 @@ impl Application {
         let mut lease = None;
         let mut active = Active::always();
         metrics.set_dispatch_active(true);
+        // Where sweeps are kept: the journal, or the broker's sweep log.
+        let store;
         let (inbox, journal): (Arc<dyn Inbox>, Option<Journal>) = if settings.amqp.enabled() {
             let link = BrokerLink::new(
                 settings.amqp.url.clone(),
@@ -98,6 +101,10 @@ impl Application {
                 metrics.clone(),
             );
             lease = Some(handle);
+            store = SweepStore::Broker {
+                log: SweepLog::new(link.clone(), KEEP_FINISHED, intake_stop.clone()),
+                active: active.clone(),
+            };
             (
                 BrokerInbox::new(link, active.clone(), metrics.clone()),
                 None,
@@ -110,6 +117,7 @@ impl Application {
                 settings.journal.tuning,
             )?;
             spawn_id_pruning(journal.clone(), intake_stop.clone());
+            store = SweepStore::Journal(journal.clone());
             (Arc::new(journal.clone()), Some(journal))
         };
         let (pipeline, handles) = Pipeline::start(
@@ -122,7 +130,7 @@ impl Application {
             metrics.clone(),
         );
         let upstream = handles.upstream.clone();
-        let sweeps = Sweeps::new(upstream.clone(), pipeline.clone(), journal.clone());
+        let sweeps = Sweeps::new(upstream.clone(), pipeline.clone(), store);
         let resumed = sweeps
             .restore()
             .await
@@ -134,6 +142,7 @@ impl Application {
             inbox.clone(),
             pipeline,
             Arc::new(Planner::new(rules.clone(), upstream.clone())),
+            sweeps.clone(),
             metrics.clone(),
             intake_stop.clone(),
         ));

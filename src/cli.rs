@@ -367,7 +367,13 @@ async fn sweep(
                 unreachable_since = None;
                 s
             }
-            Err(e) if e.is_connect() || e.is_timeout() || e.is_request() => {
+            // Unreachable (restarting), or it cannot read its sweeps now.
+            Err(e)
+                if e.is_connect()
+                    || e.is_timeout()
+                    || e.is_request()
+                    || e.status() == Some(reqwest::StatusCode::SERVICE_UNAVAILABLE) =>
+            {
                 let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() > SWEEP_UNREACHABLE_FOR {
                     anyhow::bail!("the service stopped answering about sweep {id}: {e}");
@@ -383,6 +389,8 @@ async fn sweep(
                 "found": s["found"], "removed": s["removed"],
             })
             .to_string()
+        } else if s["state"] == "queued" {
+            format!("sweep {id}: queued for the active dispatcher")
         } else {
             format!(
                 "sweep {id}: pass {}, {} pages, {}/{} subscribers listed, {} found",
@@ -399,7 +407,8 @@ async fn sweep(
             let _ = err.flush();
             last_progress = progress;
         }
-        if s["state"] != "running" {
+        // Broker mode: `queued` until the active dispatcher takes it.
+        if s["state"] != "running" && s["state"] != "queued" {
             if tty && !json {
                 eprintln!();
             }

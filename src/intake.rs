@@ -2,8 +2,10 @@
 //! order, plans a few ahead (parsing, rules, and upstream resolution where a
 //! rule asks), and submits each event's actions to the pipeline, which
 //! applies backpressure. An event that cannot be planned is dead-lettered
-//! through its inbox, never dropped. When `stop` fires the loop returns,
-//! and dropping its pipeline handle lets the coalescer flush.
+//! through its inbox, never dropped. A sweep command (broker mode) goes to
+//! the sweeps, which run it on this, the active, replica. When `stop` fires
+//! the loop returns, and dropping its pipeline handle lets the coalescer
+//! flush.
 
 use std::sync::Arc;
 
@@ -17,6 +19,7 @@ use crate::pipeline::Pipeline;
 use crate::resolve::{PlanError, Planner};
 use crate::rules::RuleError;
 use crate::settle::EventMeta;
+use crate::sweep::Sweeps;
 use crate::telemetry::Metrics;
 
 /// How many events are planned (and resolved upstream, where a rule asks)
@@ -41,6 +44,7 @@ pub async fn run(
     inbox: Arc<dyn Inbox>,
     pipeline: Pipeline,
     planner: Arc<Planner>,
+    sweeps: Arc<Sweeps>,
     metrics: Metrics,
     stop: CancellationToken,
 ) {
@@ -60,6 +64,10 @@ pub async fn run(
         let Some((delivery, plan)) = next else {
             return;
         };
+        if let Content::Sweep(command) = delivery.content {
+            sweeps.accept(delivery.id, command, delivery.receipt);
+            continue;
+        }
         let plan = match plan {
             Ok(p) => p,
             // Shutting down mid-resolution: not settled, so it comes back.
@@ -117,7 +125,7 @@ fn dead_letter(metrics: &Metrics, delivery: Delivery, u: Unplanned) {
 /// The event document a delivery carries.
 fn body_of(content: Content) -> Vec<u8> {
     match content {
-        Content::Event(body) | Content::Replay { event: body, .. } => body,
+        Content::Event(body) | Content::Replay { event: body, .. } | Content::Sweep(body) => body,
     }
 }
 
@@ -139,6 +147,13 @@ async fn plan(planner: &Planner, content: &Content) -> Result<Plan, Option<Unpla
             event_type, event, ..
         } => (event_type.as_str(), event),
         Content::Event(body) => ("", body),
+        // Not planned: see `run`.
+        Content::Sweep(_) => {
+            return Ok(Plan {
+                kind: String::new(),
+                actions: Vec::new(),
+            })
+        }
     };
     let event = Event::parse(body).map_err(|e| {
         Some(Unplanned {

@@ -160,10 +160,16 @@ impl BrokerLink {
     /// (the broker requeues what it held), never brought back behind our
     /// back on a recovered connection where nothing reads it.
     pub async fn consumer_connection(&self) -> Result<Connection, BrokerError> {
+        self.dedicated_connection("consumer").await
+    }
+
+    /// A connection of its own, without automatic recovery, for a reader
+    /// that reconnects by itself (`purpose` names it in the management UI).
+    pub async fn dedicated_connection(&self, purpose: &str) -> Result<Connection, BrokerError> {
         // The shared connection declares the topology first.
         self.linked().await?;
         let props = ConnectionProperties::default().with_connection_name(LongString::from(
-            format!("chat-janitor consumer {}", std::process::id()),
+            format!("chat-janitor {purpose} {}", std::process::id()),
         ));
         Ok(Connection::connect_uri(self.uri()?, props).await?)
     }

@@ -14,7 +14,9 @@
 //! recently (the last `SETTLED_IDS`, so a repeat published by another
 //! replica or by a producer is not sent again); a failover starts that
 //! window empty. Dead letters are listed and replayed from the
-//! `<queue>.dead-log` stream (`dead_letters`).
+//! `<queue>.dead-log` stream (`dead_letters`). A message with the sweep
+//! command header is handed on as `Content::Sweep`, and acked once the
+//! sweep has finished (`sweep_log`).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -40,6 +42,7 @@ use tokio::sync::OnceCell;
 
 use super::broker::{BrokerDeadLetters, BrokerError, BrokerLink};
 use super::dead_letters::{DeadLog, REPLAY_OF_HEADER};
+use super::sweep_log::SWEEP_COMMAND_HEADER;
 use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
 use crate::dispatch::Active;
 use crate::domain::{DeadLetter, DeadLetterSink, Source};
@@ -421,12 +424,22 @@ impl Consumer {
             });
             return None;
         }
+        let sweep = d
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.inner().contains_key(SWEEP_COMMAND_HEADER));
         Some(Delivery {
             id: id.clone(),
             source: Source::Amqp,
-            count_received: true,
+            // A sweep command is not an event.
+            count_received: !sweep,
             accepted_at: Instant::now(),
-            content: Content::Event(d.data),
+            content: if sweep {
+                Content::Sweep(d.data)
+            } else {
+                Content::Event(d.data)
+            },
             receipt: Box::new(Receipt {
                 id,
                 acker: d.acker,

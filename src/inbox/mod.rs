@@ -17,6 +17,7 @@ pub mod embedded;
 pub mod faults;
 pub mod journal;
 pub mod lease;
+pub mod sweep_log;
 
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
@@ -72,6 +73,9 @@ pub enum Content {
         event: Vec<u8>,
         action: Option<Action>,
     },
+    /// Broker mode: a sweep command (see `sweep_log`), for the sweeps
+    /// rather than the pipeline.
+    Sweep(Vec<u8>),
 }
 
 /// How a delivery is settled with the inbox it came from.

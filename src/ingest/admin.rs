@@ -145,14 +145,6 @@ async fn start_sweep(body: web::Bytes, state: web::Data<HttpState>) -> HttpRespo
             );
         }
     };
-    if !state.sweeps.can_run() {
-        return problem(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Not the active dispatcher",
-            "this replica stands by; post the sweep to the replica whose chat_janitor_dispatch_active is 1, so its removals share the one budget",
-            None,
-        );
-    }
     let deny = r
         .deny
         .into_iter()
@@ -176,16 +168,28 @@ async fn start_sweep(body: web::Bytes, state: web::Data<HttpState>) -> HttpRespo
             &e.to_string(),
             None,
         ),
+        Err(e @ StartError::Broker(_)) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Broker unavailable",
+            &e.to_string(),
+            None,
+        ),
     }
 }
 
 async fn sweep_status(id: web::Path<u64>, state: web::Data<HttpState>) -> HttpResponse {
-    match state.sweeps.status(id.into_inner()) {
-        Some(s) => HttpResponse::Ok().json(s),
-        None => problem(
+    match state.sweeps.status(id.into_inner()).await {
+        Ok(Some(s)) => HttpResponse::Ok().json(s),
+        Ok(None) => problem(
             StatusCode::NOT_FOUND,
             "No such sweep",
             "unknown sweep id (finished sweeps are kept for a while)",
+            None,
+        ),
+        Err(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Broker unavailable",
+            &format!("the sweep log cannot be read now: {e}"),
             None,
         ),
     }

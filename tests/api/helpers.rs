@@ -292,7 +292,7 @@ pub async fn message_count(queue: &str) -> u32 {
 }
 
 /// Deletes everything the service declares for `queue`: the work queue,
-/// `.dead`, `.leader`, `.dead-log` and the `.dlx` exchange.
+/// `.dead`, `.leader`, `.dead-log`, `.sweeps` and the `.dlx` exchange.
 pub async fn delete_queues(queue: &str) {
     let Ok(conn) =
         lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await
@@ -304,6 +304,7 @@ pub async fn delete_queues(queue: &str) {
         format!("{queue}.dead"),
         format!("{queue}.leader"),
         format!("{queue}.dead-log"),
+        format!("{queue}.sweeps"),
     ] {
         // A failed command closes the channel: one channel each.
         if let Ok(ch) = conn.create_channel().await {

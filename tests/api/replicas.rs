@@ -26,26 +26,26 @@ use crate::helpers::{
     SECRET,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_chat-janitor");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_chat-janitor");
 /// The vendor's calls per second per API, and the whole service's budget.
 const BUDGET: usize = 200;
 /// `ErrorCode` of a call refused for frequency.
 const FREQUENCY_LIMIT: i64 = 60_007;
-const DELETE: &str = "delete_subscriber";
+pub(crate) const DELETE: &str = "delete_subscriber";
 
-/// Serialises these tests: each runs several replicas and measures a shared
-/// upstream's call rate. (The broker tests of `amqp.rs` hold a lock of their
+/// Serialises these tests (and those of `broker_sweep`): each runs several
+/// replicas and measures a shared upstream's call rate. (The broker tests of `amqp.rs` hold a lock of their
 /// own; run these with `--test-threads=1` beside them.)
-static REPLICAS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static REPLICAS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
 }
 
-fn queue_name(test: &str) -> String {
+pub(crate) fn queue_name(test: &str) -> String {
     format!("cj-rep-{test}-{:08x}", rand::random::<u32>())
 }
 
@@ -53,7 +53,7 @@ fn queue_name(test: &str) -> String {
 
 /// A TCP forwarder in front of the emulator for one replica: it records
 /// when each HTTP request (`<METHOD> /v4/...`) passed through it.
-struct Proxy {
+pub(crate) struct Proxy {
     url: String,
     requests: Arc<Mutex<Vec<u64>>>,
     task: tokio::task::JoinHandle<()>,
@@ -123,15 +123,15 @@ impl Proxy {
     }
 
     /// When each request passed, oldest first.
-    fn requests(&self) -> Vec<u64> {
+    pub(crate) fn requests(&self) -> Vec<u64> {
         self.requests.lock().unwrap().clone()
     }
 
-    fn count(&self) -> usize {
+    pub(crate) fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
     }
 
-    fn since(&self, at_ms: u64) -> usize {
+    pub(crate) fn since(&self, at_ms: u64) -> usize {
         self.requests().iter().filter(|&&t| t >= at_ms).count()
     }
 }
@@ -142,7 +142,7 @@ impl Drop for Proxy {
     }
 }
 
-async fn upstream() -> TestUpstream {
+pub(crate) async fn upstream() -> TestUpstream {
     TestUpstream::start_with(EmulatorConfig {
         sdkappid: SDKAPPID,
         secret_key: KEY.into(),
@@ -155,11 +155,11 @@ async fn upstream() -> TestUpstream {
 
 // ---- the replicas
 
-struct Replica {
-    name: String,
+pub(crate) struct Replica {
+    pub(crate) name: String,
     child: Child,
-    port: u16,
-    proxy: Proxy,
+    pub(crate) port: u16,
+    pub(crate) proxy: Proxy,
     log: Arc<Mutex<VecDeque<String>>>,
     exited: Option<ExitStatus>,
     _dir: TempDir,
@@ -281,7 +281,7 @@ impl Replica {
         assert!(ok, "kill {sig} {}", self.name);
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         self.child.kill().expect("SIGKILL");
         self.exited = Some(self.child.wait().unwrap());
     }
@@ -306,7 +306,7 @@ impl Replica {
     }
 
     /// SIGTERM, then its exit status (panics after `secs`).
-    async fn terminate(&mut self, secs: u64) -> ExitStatus {
+    pub(crate) async fn terminate(&mut self, secs: u64) -> ExitStatus {
         if !self.is_running() {
             return self.exited.unwrap();
         }
@@ -317,7 +317,7 @@ impl Replica {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
@@ -339,7 +339,7 @@ impl Replica {
     }
 
     /// `chat_janitor_dispatch_active`, `None` if not reported.
-    async fn active(&self) -> Option<f64> {
+    pub(crate) async fn active(&self) -> Option<f64> {
         self.metric("chat_janitor_dispatch_active", &[]).await
     }
 
@@ -358,7 +358,7 @@ impl Replica {
         )
     }
 
-    fn log_tail(&self, n: usize) -> String {
+    pub(crate) fn log_tail(&self, n: usize) -> String {
         let l = self.log.lock().unwrap();
         let skip = l.len().saturating_sub(n);
         l.iter().skip(skip).cloned().collect::<Vec<_>>().join("\n")
@@ -409,20 +409,25 @@ fn sum_metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 
 /// The replicas of one test on one queue. Dropping it kills what still runs
 /// and deletes the queues and the exchange.
-struct Cluster {
+pub(crate) struct Cluster {
     queue: String,
-    replicas: Vec<Replica>,
+    pub(crate) replicas: Vec<Replica>,
 }
 
 impl Cluster {
-    fn new(queue: &str) -> Cluster {
+    pub(crate) fn new(queue: &str) -> Cluster {
         Cluster {
             queue: queue.to_owned(),
             replicas: Vec::new(),
         }
     }
 
-    async fn add(&mut self, up: &TestUpstream, linger_ms: u64, env: &[(&str, &str)]) -> usize {
+    pub(crate) async fn add(
+        &mut self,
+        up: &TestUpstream,
+        linger_ms: u64,
+        env: &[(&str, &str)],
+    ) -> usize {
         let i = self.replicas.len();
         let r = Replica::start(&format!("replica-{i}"), up, &self.queue, linger_ms, env).await;
         self.replicas.push(r);
@@ -440,7 +445,7 @@ impl Cluster {
 
     /// The one replica of `among` reporting active 1 while all the others
     /// report 0; `None` otherwise.
-    async fn sole_active(&self, among: &[usize]) -> Option<usize> {
+    pub(crate) async fn sole_active(&self, among: &[usize]) -> Option<usize> {
         let a = self.actives(among).await;
         if a.iter().any(|x| x.is_none()) {
             return None;
@@ -456,7 +461,7 @@ impl Cluster {
     }
 
     /// Waits until exactly one of `among` is active; returns it.
-    async fn wait_sole_active(&self, among: &[usize], secs: u64, what: &str) -> usize {
+    pub(crate) async fn wait_sole_active(&self, among: &[usize], secs: u64, what: &str) -> usize {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             if let Some(i) = self.sole_active(among).await {
@@ -470,16 +475,16 @@ impl Cluster {
         }
     }
 
-    fn all(&self) -> Vec<usize> {
+    pub(crate) fn all(&self) -> Vec<usize> {
         (0..self.replicas.len()).collect()
     }
 
-    fn others(&self, but: usize) -> Vec<usize> {
+    pub(crate) fn others(&self, but: usize) -> Vec<usize> {
         self.all().into_iter().filter(|&i| i != but).collect()
     }
 
     /// SIGTERM to each of `order` in turn; each must exit 0.
-    async fn stop_all(&mut self, order: &[usize]) {
+    pub(crate) async fn stop_all(&mut self, order: &[usize]) {
         for &i in order {
             let r = &mut self.replicas[i];
             let status = r.terminate(60).await;
@@ -808,7 +813,7 @@ impl Workload {
 
 // ---- what the upstream saw
 
-fn calls_of<'a>(calls: &'a [CallRecord], api: &str) -> Vec<&'a CallRecord> {
+pub(crate) fn calls_of<'a>(calls: &'a [CallRecord], api: &str) -> Vec<&'a CallRecord> {
     calls.iter().filter(|c| c.api == api).collect()
 }
 
@@ -832,7 +837,7 @@ fn busiest_second(calls: &[CallRecord], api: &str) -> (usize, u64) {
 
 /// Zero calls refused for frequency, and at most the budget in any one
 /// second, for every API.
-fn assert_within_budget(up: &TestUpstream, cluster: &Cluster) {
+pub(crate) fn assert_within_budget(up: &TestUpstream, cluster: &Cluster) {
     let problems = budget_problems(up, cluster);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
@@ -905,7 +910,7 @@ fn fullness(up: &TestUpstream) -> (f64, usize) {
 
 /// Nothing dead-lettered, nothing left ready or unacked (all replicas
 /// stopped).
-async fn assert_queue_drained(queue: &str) {
+pub(crate) async fn assert_queue_drained(queue: &str) {
     assert_eq!(message_count(queue).await, 0, "{queue} ends empty");
     assert_eq!(
         message_count(&format!("{queue}.dead")).await,

@@ -77,11 +77,12 @@ pub async fn sweep_status(base: &str, id: u64) -> (u16, Value) {
     (code, r.json().await.unwrap_or(Value::Null))
 }
 
-/// Waits until the sweep is no longer running; its final status.
+/// Waits until the sweep is no longer queued (broker mode) or running;
+/// its final status.
 pub async fn finished_sweep(base: &str, id: u64) -> Value {
     eventually(90, "the sweep finished", || async {
         let (code, s) = sweep_status(base, id).await;
-        code == 200 && s["state"] != "running"
+        code == 200 && s["state"] != "running" && s["state"] != "queued"
     })
     .await;
     sweep_status(base, id).await.1
