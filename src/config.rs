@@ -251,12 +251,34 @@ pub struct JournalSettings {
     /// read from configuration.
     #[doc(hidden)]
     #[serde(skip)]
-    pub faults: Option<crate::inbox::faults::StorageFaults>,
+    pub faults: Option<crate::storage_faults::StorageFaults>,
     /// Test hook: smaller journal files, so rotation and deletion happen
     /// within a test. Never read from configuration.
     #[doc(hidden)]
     #[serde(skip)]
-    pub tuning: crate::inbox::journal::Tuning,
+    pub tuning: JournalTuning,
+}
+
+/// How big the journal lets its files grow before it moves on. Production
+/// uses the defaults; tests shrink them so rotation, deletion, flushes and
+/// merges happen within a few hundred events.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct JournalTuning {
+    /// A segment takes no new group once it is this big.
+    pub segment_bytes: u64,
+    /// Ids the dedupe memtable holds before it is written out as a run
+    /// (about 2.5 MiB of memory, 1 MiB on disk, at the default).
+    pub flush_ids_at: usize,
+}
+
+impl Default for JournalTuning {
+    fn default() -> Self {
+        JournalTuning {
+            segment_bytes: 16 << 20,
+            flush_ids_at: 65_536,
+        }
+    }
 }
 
 impl Default for JournalSettings {

@@ -25,6 +25,7 @@ pub mod pipeline;
 pub mod resolve;
 pub mod rules;
 pub mod settle;
+pub mod storage_faults;
 pub mod sweep;
 pub mod telemetry;
 pub mod tencent;

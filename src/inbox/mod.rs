@@ -14,7 +14,7 @@ pub mod consumer;
 pub mod dead_letters;
 pub mod embedded;
 #[doc(hidden)]
-pub mod faults;
+pub use crate::storage_faults as faults;
 pub mod journal;
 pub mod lease;
 pub mod sweep_log;

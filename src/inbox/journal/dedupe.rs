@@ -6,7 +6,8 @@
 //! sender can craft a collision). Fingerprints of recent appends sit in a
 //! small in-memory table, the memtable; the event log holds their ids too,
 //! so the memtable is rebuilt from the log after a restart. When it holds
-//! `FLUSH_AT` ids (or its oldest is a few minutes old) it is written out as a
+//! `JournalTuning::flush_ids_at` ids (or its oldest is a few minutes old, or
+//! a settled segment waits only for it) it is written out as a
 //! *run*: a file of sorted fingerprints with a bloom filter and a sparse
 //! index, tagged with the time span and the last log seq it covers. Only
 //! then may the log segments holding those ids be deleted.
@@ -27,8 +28,8 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::super::faults::StorageFaults;
 use super::log::sync_dir;
+use crate::storage_faults::StorageFaults;
 
 /// An id's fingerprint.
 pub type Fp = u128;
@@ -38,8 +39,6 @@ pub fn fingerprint(id: &str) -> Fp {
     u128::from_le_bytes(h[..16].try_into().expect("16 bytes"))
 }
 
-/// Ids the memtable holds before it becomes a run.
-pub const FLUSH_AT: usize = 65_536;
 /// A memtable whose oldest id is this old is flushed anyway (seconds), so
 /// the log segments it pins can go.
 pub const FLUSH_AFTER_SECS: u64 = 300;

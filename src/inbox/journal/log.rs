@@ -21,7 +21,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::super::faults::StorageFaults;
+use crate::storage_faults::StorageFaults;
 
 /// Bytes before the first record.
 pub const HEADER_LEN: u64 = 32;

@@ -26,9 +26,10 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, Notify, Semaphore};
 
-pub use super::faults::StorageFaults;
+pub use crate::config::JournalTuning as Tuning;
 use crate::domain::clock::unix_now;
 use crate::domain::DeadLetter;
+pub use crate::storage_faults::StorageFaults;
 
 mod dedupe;
 mod log;
@@ -45,27 +46,6 @@ use writer::{Cmd, Writer};
 
 /// Most appends waiting for a commit; beyond it the edge answers 503.
 const MAX_QUEUED_APPENDS: usize = 16_384;
-
-/// How big the journal lets its files grow before it moves on. Production
-/// uses the defaults; tests shrink them so rotation, deletion, flushes and
-/// merges happen within a few hundred events.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy)]
-pub struct Tuning {
-    /// A segment takes no new group once it is this big.
-    pub segment_bytes: u64,
-    /// Ids the dedupe memtable holds before it is written out as a run.
-    pub flush_ids_at: usize,
-}
-
-impl Default for Tuning {
-    fn default() -> Self {
-        Tuning {
-            segment_bytes: 16 << 20,
-            flush_ids_at: dedupe::FLUSH_AT,
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {

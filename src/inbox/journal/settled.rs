@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
-use super::super::faults::StorageFaults;
 use super::log::sync_dir;
+use crate::storage_faults::StorageFaults;
 
 const MAGIC: &[u8; 8] = b"CJCKP\0\0\x01";
 

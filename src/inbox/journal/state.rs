@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 
-use super::super::faults::StorageFaults;
 use super::Fault;
 use crate::domain::DeadLetter;
+use crate::storage_faults::StorageFaults;
 
 /// dead-letter id -> JSON `DeadLetter`.
 const DEAD: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
