@@ -49,13 +49,19 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let planner = &planner;
-    let mut prepared = inbox
-        .deliveries(stop.clone())
-        .map(|d| async move {
-            let plan = plan(planner, &d.content).await;
-            (d, plan)
-        })
-        .buffered(PLAN_AHEAD);
+    let deliveries = inbox.deliveries(stop.clone());
+    let planned = |d: Delivery| async move {
+        let plan = plan(planner, &d.content).await;
+        (d, plan)
+    };
+    // Planning ahead only pays when plans wait for upstream reads; without
+    // any resolving rule each plan is ready at once, and a task per event
+    // to run them side by side would be pure overhead.
+    let mut prepared: futures_util::stream::BoxStream<'_, _> = if planner.resolves_any() {
+        deliveries.map(planned).buffered(PLAN_AHEAD).boxed()
+    } else {
+        deliveries.then(planned).boxed()
+    };
     loop {
         let next = tokio::select! {
             n = prepared.next() => n,
@@ -80,7 +86,8 @@ pub async fn run(
         if delivery.count_received {
             metrics.event_received(delivery.source, &plan.kind);
         }
-        let span = tracing::info_span!("event", id = %delivery.id, kind = %plan.kind, source = %delivery.source);
+        // Debug: one span per event is bookkeeping info logs do not use.
+        let span = tracing::debug_span!("event", id = %delivery.id, kind = %plan.kind, source = %delivery.source);
         let receipt = delivery.receipt;
         let meta = EventMeta {
             id: delivery.id,

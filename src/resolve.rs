@@ -111,6 +111,13 @@ impl Planner {
         &self.rules
     }
 
+    /// Whether any rule reads upstream while planning (`resolve = true`).
+    pub fn resolves_any(&self) -> bool {
+        self.rules
+            .types()
+            .any(|t| self.rules.rule(t).is_some_and(|r| r.resolve))
+    }
+
     /// The actions for `event`, after resolving what its rule asks for.
     pub async fn plan(&self, mut event: Event) -> Result<(Event, Vec<Action>), PlanError> {
         let rule = self
