@@ -115,11 +115,15 @@ impl Application {
             settings.tencent.requests_per_second,
             active.clone(),
             client,
-            inbox.clone(),
             metrics.clone(),
         );
         let upstream = handles.upstream.clone();
-        let sweeps = Sweeps::new(upstream.clone(), pipeline.clone(), journal.clone());
+        let sweeps = Sweeps::new(
+            upstream.clone(),
+            pipeline.clone(),
+            journal.clone(),
+            inbox.clone(),
+        );
         let resumed = sweeps
             .restore()
             .await

@@ -42,10 +42,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::{ReadError, Upstream};
-use crate::domain::{Action, ChannelId, UserId};
+use crate::domain::{Action, ChannelId, DeadLetter, DeadLetterSink, Settle, UserId};
 use crate::inbox::journal::Journal;
 use crate::pipeline::Pipeline;
-use crate::settle::EventMeta;
 use crate::telemetry::Metrics;
 use crate::tencent::api::MAX_SUBSCRIBER_PAGE;
 use crate::tencent::types::GetSubscriberInfoResponse;
@@ -158,7 +157,37 @@ pub struct Sweeps {
     /// Ids without a journal.
     next_id: AtomicU64,
     journal: Option<Journal>,
+    /// Where a removal that fails is kept (the inbox's).
+    dead: Arc<dyn DeadLetterSink>,
     stop: CancellationToken,
+}
+
+/// A removal round's receipt: its dead letters carry the sweep (there is no
+/// event), and settling wakes the sweep.
+struct RoundReceipt {
+    done: tokio::sync::oneshot::Sender<()>,
+    /// Stands for the event id in its dead letters.
+    id: String,
+    sweep: serde_json::Value,
+    dead: Arc<dyn DeadLetterSink>,
+}
+
+impl Settle for RoundReceipt {
+    fn settled(self: Box<Self>) {
+        let _ = self.done.send(());
+    }
+
+    fn dead_lettered(self: Box<Self>, dl: DeadLetter, _body: Vec<u8>) {
+        // A round is submitted already planned; kept all the same.
+        self.dead.record(dl);
+        let _ = self.done.send(());
+    }
+
+    fn action_dead_lettered(&self, mut dl: DeadLetter) {
+        dl.event_id = self.id.clone();
+        dl.event = self.sweep.clone();
+        self.dead.record(dl);
+    }
 }
 
 impl Sweeps {
@@ -166,6 +195,7 @@ impl Sweeps {
         upstream: Arc<Upstream>,
         pipeline: Pipeline,
         journal: Option<Journal>,
+        dead: Arc<dyn DeadLetterSink>,
     ) -> Arc<Sweeps> {
         let clock_ms = crate::domain::clock::unix_ms().max(1);
         Arc::new(Sweeps {
@@ -174,6 +204,7 @@ impl Sweeps {
             jobs: DashMap::new(),
             next_id: AtomicU64::new(clock_ms),
             journal,
+            dead,
             stop: CancellationToken::new(),
         })
     }
@@ -533,19 +564,15 @@ impl Sweeps {
         if actions.is_empty() {
             return Ok(());
         }
-        let meta = EventMeta {
-            id: format!("sweep-{id}"),
-            kind: "sweep".into(),
-            body: Arc::from(
-                serde_json::to_vec(&serde_json::json!({"sweep": id, "channel": channel}))
-                    .unwrap_or_default(),
-            ),
-        };
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let receipt = Box::new(RoundReceipt {
+            done: tx,
+            id: format!("sweep-{id}"),
+            sweep: serde_json::json!({"sweep": id, "channel": channel}),
+            dead: self.dead.clone(),
+        });
         tokio::select! {
-            r = pipeline.submit(meta, actions, Instant::now(), move || {
-                let _ = tx.send(());
-            }) => r.map_err(|_| Halt::Stopped)?,
+            r = pipeline.submit("sweep", actions, Instant::now(), receipt) => r.map_err(|_| Halt::Stopped)?,
             _ = self.stop.cancelled() => return Err(Halt::Stopped),
         }
         tokio::select! {

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::coalesce::{Backlog, Batch, Input};
-use crate::domain::{DeadLetterSink, ItemResult};
+use crate::domain::ItemResult;
 use crate::telemetry::Metrics;
 pub use active::{Active, HANDOVER_PAUSE};
 pub use circuit::Circuit;
@@ -46,13 +46,11 @@ impl Dispatcher {
         upstream: Arc<Upstream>,
         backlog: Arc<Backlog>,
         retries: mpsc::UnboundedSender<Input>,
-        dead: Arc<dyn DeadLetterSink>,
         metrics: Metrics,
         stop: CancellationToken,
     ) -> Arc<Dispatcher> {
         let settler = Settler {
             metrics: metrics.clone(),
-            dead,
             retries,
             max_attempts: upstream.settings().max_attempts,
         };

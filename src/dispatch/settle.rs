@@ -1,20 +1,17 @@
 //! Settling a batch's items from its call's answer: applied, noop, back to
-//! the coalescer for another try, or dead-lettered with the reason.
-
-use std::sync::Arc;
+//! the coalescer for another try, or dead-lettered with the reason (through
+//! the item's event, whose inbox keeps the dead letter with the event's id
+//! and body).
 
 use tokio::sync::mpsc;
 
 use crate::coalesce::{Batch, BatchKey, Input, Item};
-use crate::domain::{
-    Action, Api, DeadLetter, DeadLetterReason, DeadLetterSink, ItemResult, UserId,
-};
+use crate::domain::{Action, Api, DeadLetter, DeadLetterReason, ItemResult, UserId};
 use crate::telemetry::Metrics;
 use crate::tencent::client::{BatchOutcome, ItemOutcome};
 
 pub(super) struct Settler {
     pub metrics: Metrics,
-    pub dead: Arc<dyn DeadLetterSink>,
     /// Back to the coalescer, for items whose call failed for them alone.
     pub retries: mpsc::UnboundedSender<Input>,
     pub max_attempts: u32,
@@ -133,11 +130,8 @@ impl Settler {
         tracing::warn!(api = api.name(), %reason, %detail, "dead-lettered");
         self.metrics.dead_lettered(reason, items.len());
         for i in &items {
-            let meta = i.origin.meta();
-            self.dead.record(DeadLetter::new(
-                &meta.id,
-                &meta.kind,
-                &meta.body,
+            i.origin.dead_letter(DeadLetter::unfilled(
+                i.origin.kind(),
                 Some(action.clone()),
                 reason,
                 detail,

@@ -1,6 +1,8 @@
 //! Embedded mode's `Inbox`: the journal. Deliveries are its entries read in
 //! order (woken by each commit); settling removes an entry in a later group
-//! commit; a dead letter is stored in the journal with the event.
+//! commit; a dead letter is stored in the journal with the event, which an
+//! action's dead letter takes from the entry itself (the pipeline holds no
+//! bodies).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -41,6 +43,12 @@ impl Settle for Entry {
         // Ordered before the settle by the journal's single writer.
         self.journal.dead_letter(dl);
         self.journal.settle(self.seq);
+    }
+
+    fn action_dead_lettered(&self, dl: DeadLetter) {
+        // The event is read from this very entry, which stays until the
+        // settle that the writer orders after this.
+        self.journal.dead_letter_for(self.seq, dl);
     }
 }
 

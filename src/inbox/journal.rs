@@ -99,6 +99,8 @@ enum Cmd {
     },
     Settle(u64),
     DeadLetter(Box<DeadLetter>),
+    /// A dead letter whose event (id and body) is read from the entry `seq`.
+    DeadLetterFor(u64, Box<DeadLetter>),
     Replay {
         ids: Option<Vec<u64>>,
         reply: oneshot::Sender<Result<usize, JournalError>>,
@@ -347,6 +349,13 @@ impl Journal {
         let _ = self.inner.tx.send(Cmd::DeadLetter(Box::new(dl)));
     }
 
+    /// Records `dl` with its `event_id` and `event` filled from the journal
+    /// entry `seq` (read in the commit that stores it), ordered before any
+    /// later settle of that entry.
+    pub fn dead_letter_for(&self, seq: u64, dl: DeadLetter) {
+        let _ = self.inner.tx.send(Cmd::DeadLetterFor(seq, Box::new(dl)));
+    }
+
     /// Moves dead letters (all, or the given ids) back to work as one
     /// journal entry, atomically. Returns how many.
     pub async fn replay_dead_letters(&self, ids: Option<Vec<u64>>) -> Result<usize, JournalError> {
@@ -545,7 +554,8 @@ struct Writer {
     unsynced_settles: VecDeque<u64>,
     /// What those commits took off `pending`.
     unsynced_delta: i64,
-    held_dead: Vec<DeadLetter>,
+    /// With the entry whose event fills a dead letter in, until it has.
+    held_dead: Vec<(DeadLetter, Option<u64>)>,
     /// A dead letter was dropped: settles from then on are not committed,
     /// so their events (and that dead letter) come back after a restart.
     dead_overflowed: bool,
@@ -657,7 +667,7 @@ impl Writer {
         self.held_settles.push_back(seq);
     }
 
-    fn hold_dead(&mut self, dl: DeadLetter) {
+    fn hold_dead(&mut self, dl: DeadLetter, from: Option<u64>) {
         if self.held_dead.len() >= MAX_HELD_DEAD {
             if !self.dead_overflowed {
                 tracing::error!(
@@ -667,7 +677,7 @@ impl Writer {
             self.dead_overflowed = true;
             return;
         }
-        self.held_dead.push(dl);
+        self.held_dead.push((dl, from));
     }
 
     /// One group: commits it (with whatever is held), or answers and holds
@@ -682,7 +692,8 @@ impl Writer {
             match cmd {
                 Cmd::Append { id, body, reply } => appends.push((id, body, reply)),
                 Cmd::Settle(seq) => self.hold_settle(seq),
-                Cmd::DeadLetter(dl) => self.hold_dead(*dl),
+                Cmd::DeadLetter(dl) => self.hold_dead(*dl, None),
+                Cmd::DeadLetterFor(seq, dl) => self.hold_dead(*dl, Some(seq)),
                 Cmd::Replay { ids, reply } => replays.push((ids, reply)),
                 Cmd::Prune { older_than_unix } => prunes.push(older_than_unix),
                 Cmd::Sync(reply) => syncs.push(reply),
@@ -958,7 +969,23 @@ impl Writer {
             let mut meta = txn.open_table(META)?;
             // Dead letters keep the id they were first given, so one whose
             // failed commit reached the disk after all is not stored twice.
-            for dl in self.held_dead.iter_mut() {
+            for (dl, from) in self.held_dead.iter_mut() {
+                if let Some(seq) = *from {
+                    if let Some(v) = events.get(seq)? {
+                        match serde_json::from_slice::<Record>(v.value()) {
+                            Ok(Record::Event { id, body, .. }) => {
+                                dl.event_id = id;
+                                dl.event = serde_json::from_str(body.get()).unwrap_or_default();
+                            }
+                            Ok(Record::Replay { dead_letter, .. }) => {
+                                dl.event_id = dead_letter.event_id;
+                                dl.event = dead_letter.event;
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    *from = None;
+                }
                 if dl.id == 0 {
                     dl.id = next_counter(&mut meta, "next_dead")?;
                 } else {
