@@ -53,6 +53,14 @@ impl std::fmt::Display for BatchKey {
 }
 
 impl BatchKey {
+    /// Every API a batch may be for.
+    pub const APIS: [Api; 4] = [
+        Api::DeleteSubscriber,
+        Api::AddSubscriber,
+        Api::FollowDelete,
+        Api::DestroyOfficialAccount,
+    ];
+
     /// Splits an action into its batch key and member (None: the action is
     /// on the target as a whole).
     pub fn of(action: Action) -> (BatchKey, Option<UserId>) {

@@ -533,3 +533,82 @@ async fn an_unparseable_journal_entry_is_dead_lettered_as_malformed() {
     );
     app.stop().await;
 }
+
+/// A saturated API keeps its backlog as data, not as a parked task per
+/// batch, and holds up no other API: 600 single-account `follow_delete`
+/// batches wait for a 10 calls/s limiter while 300 removals from one
+/// channel fill their three batches and go.
+#[tokio::test]
+async fn a_saturated_api_waits_as_data_and_holds_up_no_other_api() {
+    let up = TestUpstream::start().await;
+    let members = users("hol", 300);
+    seed_channels(&up, &["@TOA#_hol".to_owned()], &members);
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.tencent.requests_per_second = 10;
+    // Removals go when their batch is full, not at a linger; follow keys
+    // past the first 50 go to the dispatcher at once.
+    settings.batching.linger_ms = 5_000;
+    settings.dispatch.max_open_keys = 50;
+    let app = TestApp::spawn(settings).await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let idle = tasks();
+    // Each follower is the From_Account of its own follow_delete.
+    for i in 0..30 {
+        let followers: Vec<String> = (0..20).map(|j| format!("fan{i}-{j}")).collect();
+        let r = app
+            .post_event(
+                &format!("hol-f{i}"),
+                "user.banned",
+                json!({"user_id": format!("star{i}"), "channels": [], "followers": followers}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    let follows_pending = || async {
+        app.metric("chat_janitor_pending_items{api=\"follow_delete\"}")
+            .await
+    };
+    eventually(10, "the follow backlog in the pipeline", || async {
+        follows_pending().await >= 550.0
+    })
+    .await;
+    let busy = tasks();
+    assert!(
+        busy < idle + 100,
+        "{busy} tasks alive with 600 batches waiting ({idle} idle): batches wait as tasks"
+    );
+    for u in &members {
+        let r = app
+            .post_event(
+                &format!("hol-{u}"),
+                "user.banned",
+                json!({"user_id": u, "channels": ["@TOA#_hol"]}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    eventually(10, "the removals applied", || async {
+        up.emulator.subscribers("@TOA#_hol").unwrap().is_empty()
+    })
+    .await;
+    let backlog = follows_pending().await;
+    assert!(
+        backlog > 300.0,
+        "the follow backlog was still there ({backlog} left), behind its own limiter"
+    );
+    let sizes: Vec<usize> = up
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.api == "delete_subscriber")
+        .map(|c| c.accounts.len())
+        .collect();
+    assert_eq!(sizes, [100, 100, 100]);
+    // Dropped without waiting for the follow backlog: shutdown would give it
+    // its full grace.
+}
