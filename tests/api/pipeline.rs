@@ -226,6 +226,15 @@ async fn a_bad_account_is_isolated_and_dead_lettered_alone() {
     assert_eq!(dl["action"]["user"], "bad account");
     assert!(dl["detail"].as_str().unwrap().contains("6017"), "{dl}");
     assert_eq!(dl["event_id"], "iso-bad account");
+    // The journal filled the event in: the pipeline holds no bodies.
+    assert_eq!(
+        dl["event"],
+        json!({
+            "type": "user.banned",
+            "timestamp": "2026-11-21T10:00:00Z",
+            "data": {"user_id": "bad account", "channels": ["@TOA#_iso"]}
+        })
+    );
     assert_eq!(
         app.metric("chat_janitor_dead_letters_total{reason=\"bad_request\"}")
             .await,
@@ -336,6 +345,56 @@ async fn dead_letters_can_be_replayed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    app.stop().await;
+}
+
+/// A replayed action that fails again is dead-lettered again with the
+/// event it came from: the journal reads it from the replay entry.
+#[tokio::test]
+async fn a_replayed_action_that_fails_again_keeps_its_event() {
+    let up = TestUpstream::start().await;
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new("@TOA#_rp2", ["r2"])],
+        ..Seed::default()
+    });
+    up.emulator
+        .set_faults(Faults::new(vec![FaultRule::error_code(
+            Some("delete_subscriber"),
+            99999,
+        )]));
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.dispatch.max_attempts = 2;
+    settings.batching.linger_ms = 10;
+    let app = TestApp::spawn(settings).await;
+    let event = json!({"user_id": "r2", "channels": ["@TOA#_rp2"], "following": []});
+    let r = app.post_event("rp2-1", "user.banned", event.clone()).await;
+    assert_eq!(r.status(), 202);
+    eventually(10, "dead-lettered", || async {
+        app.dead_letters().await.len() == 1
+    })
+    .await;
+    let first = app.dead_letters().await.remove(0);
+    let want = json!({"type": "user.banned", "timestamp": "2026-11-21T10:00:00Z", "data": event});
+    assert_eq!(first["event_id"], "rp2-1");
+    assert_eq!(first["event"], want);
+    let r = app
+        .http
+        .post(app.url("/v1/admin/dead-letters/replay"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    eventually(10, "dead-lettered again", || async {
+        let l = app.dead_letters().await;
+        l.len() == 1 && l[0]["id"] != first["id"]
+    })
+    .await;
+    let again = app.dead_letters().await.remove(0);
+    assert_eq!(again["event_id"], "rp2-1");
+    assert_eq!(again["event"], want);
+    assert_eq!(again["action"], first["action"]);
     app.stop().await;
 }
 
