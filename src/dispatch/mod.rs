@@ -107,9 +107,10 @@ enum Next {
 impl Queue {
     fn push_fresh(&mut self, b: Batch) {
         if self.fresh.len() == self.fresh.capacity() {
-            // A quarter more, not double: a long backlog of small batches
-            // would otherwise reserve up to as much again as it holds.
-            self.fresh.reserve_exact((self.fresh.len() / 4).max(16));
+            // An eighth more, not double: a long backlog of small batches
+            // would otherwise reserve up to as much again as it holds (the
+            // copies this costs are nothing beside a call per batch).
+            self.fresh.reserve_exact((self.fresh.len() / 8).max(16));
         }
         self.fresh.push_back(b);
     }
