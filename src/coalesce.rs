@@ -148,14 +148,50 @@ struct Whole {
     riders: Vec<(UserId, Item)>,
 }
 
-/// A batch's (account, item) entries: one inline, more in a list, so a
-/// batch of one account (a backlog of single-account keys is made of them)
-/// needs no allocation of its own.
+/// The items one account carries in a batch, one per event that asked:
+/// almost always one, held inline (more are boxed, so this stays the size
+/// of one item).
+#[derive(Debug)]
+enum Items {
+    One(Item),
+    // Boxed on purpose: a `Vec` here would make every account's entry a
+    // word wider, for the rare account that several events ask for.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Item>>),
+}
+
+impl Items {
+    fn push(&mut self, item: Item) {
+        match self {
+            Items::Many(v) => v.push(item),
+            Items::One(first) => *self = Items::Many(Box::new(vec![first.clone(), item])),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Items::One(_) => 1,
+            Items::Many(v) => v.len(),
+        }
+    }
+
+    fn into_vec(self) -> Vec<Item> {
+        match self {
+            Items::One(i) => vec![i],
+            Items::Many(v) => *v,
+        }
+    }
+}
+
+/// A batch's accounts, each with its items: one inline, more in a list, so
+/// a batch of one account (a backlog of single-account keys is made of
+/// them) needs no allocation of its own. At most the batch's capacity, so
+/// finding an account is a short scan.
 #[derive(Debug)]
 enum Members {
-    One((UserId, Item)),
+    One((UserId, Items)),
     /// Also the empty set (an empty `Vec` allocates nothing).
-    Many(Vec<(UserId, Item)>),
+    Many(Vec<(UserId, Items)>),
 }
 
 impl Default for Members {
@@ -165,7 +201,7 @@ impl Default for Members {
 }
 
 impl Members {
-    fn as_slice(&self) -> &[(UserId, Item)] {
+    fn as_slice(&self) -> &[(UserId, Items)] {
         match self {
             Members::One(e) => std::slice::from_ref(e),
             Members::Many(v) => v,
@@ -176,7 +212,19 @@ impl Members {
         self.as_slice().len()
     }
 
-    fn push(&mut self, entry: (UserId, Item)) {
+    /// Adds one item for `member` (a repeat of an account adds its item, not
+    /// the account).
+    fn push(&mut self, member: UserId, item: Item) {
+        let found = match self {
+            Members::One((m, items)) if *m == member => Some(items),
+            Members::One(_) => None,
+            Members::Many(v) => v.iter_mut().find(|(m, _)| *m == member).map(|(_, i)| i),
+        };
+        if let Some(items) = found {
+            items.push(item);
+            return;
+        }
+        let entry = (member, Items::One(item));
         *self = match std::mem::take(self) {
             Members::Many(v) if v.is_empty() => Members::One(entry),
             Members::Many(mut v) => {
@@ -187,16 +235,19 @@ impl Members {
         };
     }
 
-    /// Takes out the entries whose account `pick` chooses.
-    fn extract(&mut self, mut pick: impl FnMut(&UserId) -> bool) -> Vec<(UserId, Item)> {
+    /// Takes `member` out, with its items.
+    fn remove(&mut self, member: &UserId) -> Option<Items> {
         let mut all = std::mem::take(self).into_vec();
-        let picked = all.extract_if(.., |(m, _)| pick(m)).collect();
+        let taken = all
+            .iter()
+            .position(|(m, _)| m == member)
+            .map(|i| all.remove(i).1);
         *self = Members::Many(all);
         self.shrink();
-        picked
+        taken
     }
 
-    fn into_vec(self) -> Vec<(UserId, Item)> {
+    fn into_vec(self) -> Vec<(UserId, Items)> {
         match self {
             Members::One(e) => vec![e],
             Members::Many(v) => v,
@@ -207,8 +258,9 @@ impl Members {
     fn shrink(&mut self) {
         if let Members::Many(v) = self {
             if v.len() == 1 {
-                let e = v.pop().expect("one entry");
-                *self = Members::One(e);
+                if let Some(e) = v.pop() {
+                    *self = Members::One(e);
+                }
             } else {
                 v.shrink_to_fit();
             }
@@ -220,10 +272,9 @@ impl Members {
 /// event that asked) it settles.
 ///
 /// Kept small, because a backlog of single-account batches (one per
-/// `follow_delete` From_Account) may hold most of `max_pending_items`: a
-/// flat list of (account, item) entries, where an account asked for by
-/// several events appears once per event (the request names it once), the
-/// destroy-only parts boxed away, and a generation number instead of a
+/// `follow_delete` From_Account) may hold most of `max_pending_items`: the
+/// accounts in a short list (one inline), each with its items (one inline),
+/// the destroy-only parts boxed away, and a generation number instead of a
 /// timestamp.
 #[derive(Debug)]
 pub struct Batch {
@@ -233,8 +284,6 @@ pub struct Batch {
     /// Tells this batch from an earlier one of the same key (the
     /// coalescer's deadline queues).
     generation: u32,
-    /// Distinct accounts in `members`.
-    distinct: u16,
     /// Accounts that make this batch full.
     cap: u16,
 }
@@ -250,7 +299,6 @@ impl Batch {
             members: Members::default(),
             whole: None,
             generation,
-            distinct: 0,
             cap: cap as u16,
         }
     }
@@ -263,27 +311,12 @@ impl Batch {
         self.key.api()
     }
 
-    /// Adds one item for `member` (a repeat of an account adds its item, not
-    /// the account).
-    fn push(&mut self, member: UserId, item: Item) {
-        if !self.members.as_slice().iter().any(|(m, _)| *m == member) {
-            self.distinct += 1;
-        }
-        self.members.push((member, item));
-    }
-
     /// Takes every item of `member` out of the batch.
     fn remove_member(&mut self, member: &UserId) -> Vec<Item> {
-        let items: Vec<Item> = self
-            .members
-            .extract(|m| m == member)
-            .into_iter()
-            .map(|(_, i)| i)
-            .collect();
-        if !items.is_empty() {
-            self.distinct -= 1;
-        }
-        items
+        self.members
+            .remove(member)
+            .map(Items::into_vec)
+            .unwrap_or_default()
     }
 
     fn is_empty(&self) -> bool {
@@ -295,17 +328,9 @@ impl Batch {
         self.members.shrink();
     }
 
-    /// The distinct accounts, in the order they joined.
+    /// The accounts, in the order they joined.
     fn accounts(&self) -> impl Iterator<Item = UserId> + '_ {
-        let members = self.members.as_slice();
-        let repeats = usize::from(self.distinct) != members.len();
-        members
-            .iter()
-            .enumerate()
-            .filter(move |(i, (m, _))| {
-                !repeats || !members[..*i].iter().any(|(other, _)| other == m)
-            })
-            .map(|(_, (m, _))| m.clone())
+        self.members.as_slice().iter().map(|(m, _)| m.clone())
     }
 
     /// The vendor request for this batch. Members never exceed the key's
@@ -333,7 +358,12 @@ impl Batch {
     pub fn into_parts(self) -> BatchParts {
         let whole = self.whole.map(|w| *w).unwrap_or_default();
         BatchParts {
-            members: self.members.into_vec(),
+            members: self
+                .members
+                .into_vec()
+                .into_iter()
+                .flat_map(|(m, items)| items.into_vec().into_iter().map(move |i| (m.clone(), i)))
+                .collect(),
             whole: whole.items,
             riders: whole.riders,
         }
@@ -343,13 +373,13 @@ impl Batch {
         if self.key.capacity() == 1 {
             self.whole.is_some()
         } else {
-            self.distinct >= self.cap
+            self.members.len() >= usize::from(self.cap)
         }
     }
 
     /// Accounts (or 1 for a whole-target call) the call will carry.
     pub fn size(&self) -> usize {
-        usize::from(self.distinct).max(usize::from(self.whole.is_some()))
+        self.members.len().max(usize::from(self.whole.is_some()))
     }
 
     /// Two halves, for isolating a bad account (every item of an account
@@ -357,30 +387,31 @@ impl Batch {
     /// account.
     #[allow(clippy::result_large_err)]
     pub fn split(mut self) -> Result<(Batch, Batch), Batch> {
-        if self.distinct < 2 || self.whole.is_some() {
+        if self.members.len() < 2 || self.whole.is_some() {
             return Err(self);
         }
-        let first: Vec<UserId> = self
-            .accounts()
-            .take(usize::from(self.distinct / 2))
-            .collect();
-        let mut second = Members::Many(self.members.extract(|m| !first.contains(m)));
+        let mut first = std::mem::take(&mut self.members).into_vec();
+        let mut second = Members::Many(first.split_off(first.len() / 2));
         second.shrink();
+        self.members = Members::Many(first);
+        self.members.shrink();
         let other = Batch {
             key: self.key.clone(),
             members: second,
             whole: None,
             generation: self.generation,
-            distinct: self.distinct - first.len() as u16,
             cap: self.cap,
         };
-        self.distinct = first.len() as u16;
         Ok((self, other))
     }
 
     /// Every item in the batch, for settling or dead-lettering them all.
     pub fn item_count(&self) -> usize {
-        self.members.len()
+        self.members
+            .as_slice()
+            .iter()
+            .map(|(_, items)| items.len())
+            .sum::<usize>()
             + self
                 .whole
                 .as_ref()
@@ -596,7 +627,7 @@ impl Coalescer {
     ) -> Result<(), Closed> {
         self.open_batch(&key, now).await?;
         let batch = self.open.get_mut(&key).expect("just opened");
-        batch.push(member, item);
+        batch.members.push(member, item);
         if batch.is_full() || self.draining || self.linger.is_zero() {
             let b = self.open.remove(&key).expect("present");
             self.metrics.set_open_keys(self.open.len());
@@ -637,7 +668,7 @@ impl Coalescer {
             riders: Vec::new(),
         };
         if let Some(unsubs) = self.open.remove(&unsub_key) {
-            whole.riders = unsubs.members.into_vec();
+            whole.riders = unsubs.into_parts().members;
             self.metrics.set_open_keys(self.open.len());
         }
         batch.whole = Some(Box::new(whole));
@@ -719,6 +750,7 @@ mod tests {
     #[test]
     fn a_batch_of_one_account_is_no_bigger_than_a_few_words() {
         // A backlog of single-account keys holds one of these per item.
+        assert!(std::mem::size_of::<Items>() <= 16);
         assert!(std::mem::size_of::<Members>() <= 32);
         assert!(std::mem::size_of::<Batch>() <= 72);
     }
@@ -817,6 +849,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn many_events_for_one_account_stay_one_account() {
+        // Each item joins its account's entry, found among at most the
+        // batch's capacity of accounts, however many items there are.
+        let mut h = Harness::new(100);
+        for _ in 0..5_000 {
+            h.act(unsub("a", "same")).await;
+        }
+        h.act(unsub("a", "other")).await;
+        h.c.flush_all().await.unwrap();
+        let b = h.sent().pop().expect("one batch");
+        assert_eq!(accounts(&b), ["same", "other"]);
+        assert_eq!((b.size(), b.item_count()), (2, 5_001));
     }
 
     #[tokio::test]
