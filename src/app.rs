@@ -126,11 +126,10 @@ impl Application {
             settings.tencent.requests_per_second,
             active.clone(),
             client,
-            inbox.clone(),
             metrics.clone(),
         );
         let upstream = handles.upstream.clone();
-        let sweeps = Sweeps::new(upstream.clone(), pipeline.clone(), store);
+        let sweeps = Sweeps::new(upstream.clone(), pipeline.clone(), store, inbox.clone());
         let resumed = sweeps
             .restore()
             .await

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use indexmap::IndexMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -54,6 +53,14 @@ impl std::fmt::Display for BatchKey {
 }
 
 impl BatchKey {
+    /// Every API a batch may be for.
+    pub const APIS: [Api; 4] = [
+        Api::DeleteSubscriber,
+        Api::AddSubscriber,
+        Api::FollowDelete,
+        Api::DestroyOfficialAccount,
+    ];
+
     /// Splits an action into its batch key and member (None: the action is
     /// on the target as a whole).
     pub fn of(action: Action) -> (BatchKey, Option<UserId>) {
@@ -126,38 +133,173 @@ pub enum Request<'a> {
 /// A batch taken apart, for settling or dead-lettering everything in it.
 #[derive(Debug, Default)]
 pub struct BatchParts {
-    pub members: Vec<(UserId, Vec<Item>)>,
+    /// One entry per item: the account it is for.
+    pub members: Vec<(UserId, Item)>,
     /// Items on the target as a whole (destroy).
     pub whole: Vec<Item>,
     /// Unsubscribes from a channel this batch destroys: they settle with it.
     pub riders: Vec<(UserId, Item)>,
 }
 
+/// A destroy's own items, and the unsubscribes riding on it.
+#[derive(Debug, Default)]
+struct Whole {
+    items: Vec<Item>,
+    riders: Vec<(UserId, Item)>,
+}
+
+/// The items one account carries in a batch, one per event that asked:
+/// almost always one, held inline (more are boxed, so this stays the size
+/// of one item).
+#[derive(Debug)]
+enum Items {
+    One(Item),
+    // Boxed on purpose: a `Vec` here would make every account's entry a
+    // word wider, for the rare account that several events ask for.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Item>>),
+}
+
+impl Items {
+    fn push(&mut self, item: Item) {
+        match self {
+            Items::Many(v) => v.push(item),
+            Items::One(first) => *self = Items::Many(Box::new(vec![first.clone(), item])),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Items::One(_) => 1,
+            Items::Many(v) => v.len(),
+        }
+    }
+
+    fn into_vec(self) -> Vec<Item> {
+        match self {
+            Items::One(i) => vec![i],
+            Items::Many(v) => *v,
+        }
+    }
+}
+
+/// A batch's accounts, each with its items: one inline, more in a list, so
+/// a batch of one account (a backlog of single-account keys is made of
+/// them) needs no allocation of its own. At most the batch's capacity, so
+/// finding an account is a short scan.
+#[derive(Debug)]
+enum Members {
+    One((UserId, Items)),
+    /// Also the empty set (an empty `Vec` allocates nothing).
+    Many(Vec<(UserId, Items)>),
+}
+
+impl Default for Members {
+    fn default() -> Self {
+        Members::Many(Vec::new())
+    }
+}
+
+impl Members {
+    fn as_slice(&self) -> &[(UserId, Items)] {
+        match self {
+            Members::One(e) => std::slice::from_ref(e),
+            Members::Many(v) => v,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Adds one item for `member` (a repeat of an account adds its item, not
+    /// the account).
+    fn push(&mut self, member: UserId, item: Item) {
+        let found = match self {
+            Members::One((m, items)) if *m == member => Some(items),
+            Members::One(_) => None,
+            Members::Many(v) => v.iter_mut().find(|(m, _)| *m == member).map(|(_, i)| i),
+        };
+        if let Some(items) = found {
+            items.push(item);
+            return;
+        }
+        let entry = (member, Items::One(item));
+        *self = match std::mem::take(self) {
+            Members::Many(v) if v.is_empty() => Members::One(entry),
+            Members::Many(mut v) => {
+                v.push(entry);
+                Members::Many(v)
+            }
+            Members::One(first) => Members::Many(vec![first, entry]),
+        };
+    }
+
+    /// Takes `member` out, with its items.
+    fn remove(&mut self, member: &UserId) -> Option<Items> {
+        let mut all = std::mem::take(self).into_vec();
+        let taken = all
+            .iter()
+            .position(|(m, _)| m == member)
+            .map(|i| all.remove(i).1);
+        *self = Members::Many(all);
+        self.shrink();
+        taken
+    }
+
+    fn into_vec(self) -> Vec<(UserId, Items)> {
+        match self {
+            Members::One(e) => vec![e],
+            Members::Many(v) => v,
+        }
+    }
+
+    /// Gives back the room a growing list reserved.
+    fn shrink(&mut self) {
+        if let Members::Many(v) = self {
+            if v.len() == 1 {
+                if let Some(e) = v.pop() {
+                    *self = Members::One(e);
+                }
+            } else {
+                v.shrink_to_fit();
+            }
+        }
+    }
+}
+
 /// A set of distinct accounts for one call, each with the items (one per
 /// event that asked) it settles.
+///
+/// Kept small, because a backlog of single-account batches (one per
+/// `follow_delete` From_Account) may hold most of `max_pending_items`: the
+/// accounts in a short list (one inline), each with its items (one inline),
+/// the destroy-only parts boxed away, and a generation number instead of a
+/// timestamp.
 #[derive(Debug)]
 pub struct Batch {
     key: BatchKey,
-    members: IndexMap<UserId, Vec<Item>>,
-    /// Items on the target as a whole (destroy).
-    whole: Vec<Item>,
-    /// Unsubscribes from a channel this batch destroys: they settle with it.
-    riders: Vec<(UserId, Item)>,
-    opened: Instant,
+    members: Members,
+    whole: Option<Box<Whole>>,
+    /// Tells this batch from an earlier one of the same key (the
+    /// coalescer's deadline queues).
+    generation: u32,
     /// Accounts that make this batch full.
-    cap: usize,
+    cap: u16,
 }
 
 impl Batch {
-    fn new(key: BatchKey, now: Instant, max_batch: usize) -> Self {
-        let cap = key.capacity().min(max_batch).max(1);
+    fn new(key: BatchKey, generation: u32, max_batch: usize) -> Self {
+        let cap = key
+            .capacity()
+            .min(max_batch)
+            .clamp(1, usize::from(u16::MAX));
         Batch {
             key,
-            members: IndexMap::new(),
-            whole: Vec::new(),
-            riders: Vec::new(),
-            opened: now,
-            cap,
+            members: Members::default(),
+            whole: None,
+            generation,
+            cap: cap as u16,
         }
     }
 
@@ -169,67 +311,95 @@ impl Batch {
         self.key.api()
     }
 
+    /// Takes every item of `member` out of the batch.
+    fn remove_member(&mut self, member: &UserId) -> Vec<Item> {
+        self.members
+            .remove(member)
+            .map(Items::into_vec)
+            .unwrap_or_default()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.members.len() == 0 && self.whole.is_none()
+    }
+
+    /// Gives back the room a growing batch reserved: it now waits as it is.
+    fn seal(&mut self) {
+        self.members.shrink();
+    }
+
+    /// The accounts, in the order they joined.
+    fn accounts(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.members.as_slice().iter().map(|(m, _)| m.clone())
+    }
+
     /// The vendor request for this batch. Members never exceed the key's
     /// capacity (the coalescer sends a batch once it is full, and halves
     /// only shrink), so the typed batch always fits.
     pub fn request(&self) -> Request<'_> {
         const FITS: &str = "a batch never holds more members than its key's capacity";
-        let members = || self.members.keys().cloned();
         match &self.key {
-            BatchKey::Unsubscribe(c) => {
-                Request::DeleteSubscriber(c, SubscriberBatch::try_from_iter(members()).expect(FITS))
-            }
-            BatchKey::Subscribe(c) => {
-                Request::AddSubscriber(c, SubscriberBatch::try_from_iter(members()).expect(FITS))
-            }
+            BatchKey::Unsubscribe(c) => Request::DeleteSubscriber(
+                c,
+                SubscriberBatch::try_from_iter(self.accounts()).expect(FITS),
+            ),
+            BatchKey::Subscribe(c) => Request::AddSubscriber(
+                c,
+                SubscriberBatch::try_from_iter(self.accounts()).expect(FITS),
+            ),
             BatchKey::Unfollow(f) => {
-                Request::FollowDelete(f, FollowBatch::try_from_iter(members()).expect(FITS))
+                Request::FollowDelete(f, FollowBatch::try_from_iter(self.accounts()).expect(FITS))
             }
             BatchKey::Destroy(c) => Request::Destroy(c),
         }
     }
 
-    /// The items of one member, taken out of the batch.
-    pub fn take_member(&mut self, member: &UserId) -> Option<Vec<Item>> {
-        self.members.shift_remove(member)
-    }
-
     /// Everything still in the batch.
     pub fn into_parts(self) -> BatchParts {
+        let whole = self.whole.map(|w| *w).unwrap_or_default();
         BatchParts {
-            members: self.members.into_iter().collect(),
-            whole: self.whole,
-            riders: self.riders,
+            members: self
+                .members
+                .into_vec()
+                .into_iter()
+                .flat_map(|(m, items)| items.into_vec().into_iter().map(move |i| (m.clone(), i)))
+                .collect(),
+            whole: whole.items,
+            riders: whole.riders,
         }
     }
 
     pub fn is_full(&self) -> bool {
         if self.key.capacity() == 1 {
-            !self.whole.is_empty()
+            self.whole.is_some()
         } else {
-            self.members.len() >= self.cap
+            self.members.len() >= usize::from(self.cap)
         }
     }
 
     /// Accounts (or 1 for a whole-target call) the call will carry.
     pub fn size(&self) -> usize {
-        self.members.len().max(usize::from(!self.whole.is_empty()))
+        self.members.len().max(usize::from(self.whole.is_some()))
     }
 
-    /// Two halves, for isolating a bad account; the batch itself back when
-    /// it has a single member.
+    /// Two halves, for isolating a bad account (every item of an account
+    /// stays on one side); the batch itself back when it has a single
+    /// account.
     #[allow(clippy::result_large_err)]
     pub fn split(mut self) -> Result<(Batch, Batch), Batch> {
-        if self.members.len() < 2 {
+        if self.members.len() < 2 || self.whole.is_some() {
             return Err(self);
         }
-        let second = self.members.split_off(self.members.len() / 2);
+        let mut first = std::mem::take(&mut self.members).into_vec();
+        let mut second = Members::Many(first.split_off(first.len() / 2));
+        second.shrink();
+        self.members = Members::Many(first);
+        self.members.shrink();
         let other = Batch {
             key: self.key.clone(),
             members: second,
-            whole: Vec::new(),
-            riders: Vec::new(),
-            opened: self.opened,
+            whole: None,
+            generation: self.generation,
             cap: self.cap,
         };
         Ok((self, other))
@@ -237,7 +407,15 @@ impl Batch {
 
     /// Every item in the batch, for settling or dead-lettering them all.
     pub fn item_count(&self) -> usize {
-        self.members.values().map(Vec::len).sum::<usize>() + self.whole.len() + self.riders.len()
+        self.members
+            .as_slice()
+            .iter()
+            .map(|(_, items)| items.len())
+            .sum::<usize>()
+            + self
+                .whole
+                .as_ref()
+                .map_or(0, |w| w.items.len() + w.riders.len())
     }
 }
 
@@ -246,11 +424,11 @@ impl Batch {
 pub enum Input {
     /// A new action.
     Action(Action, Item),
-    /// Items of one member to try again (their call failed for them alone).
+    /// An item to try again (its call failed for it alone).
     Retry {
         key: BatchKey,
         member: UserId,
-        items: Vec<Item>,
+        item: Item,
     },
 }
 
@@ -292,9 +470,16 @@ const RECHECK: Duration = Duration::from_millis(10);
 const MAX_LINGERS: u32 = 25;
 const MIN_HOLD: Duration = Duration::from_secs(5);
 
-/// A batch's place in a deadline queue; `opened` tells a stale entry (that
-/// batch went out full and the key reopened) from a current one.
-type Due = (Instant, BatchKey, Instant);
+/// A batch's place in a deadline queue.
+#[derive(Debug)]
+struct Due {
+    at: Instant,
+    key: BatchKey,
+    /// Tells a stale entry (that batch went out and the key reopened) from
+    /// a current one.
+    generation: u32,
+    opened: Instant,
+}
 
 /// The coalescer task's state.
 pub struct Coalescer {
@@ -311,6 +496,8 @@ pub struct Coalescer {
     out: mpsc::Sender<Batch>,
     metrics: Metrics,
     draining: bool,
+    /// The next batch's generation.
+    generation: u32,
 }
 
 impl Coalescer {
@@ -335,6 +522,7 @@ impl Coalescer {
             out,
             metrics,
             draining: false,
+            generation: 0,
         }
     }
 
@@ -351,7 +539,7 @@ impl Coalescer {
             let deadline = [self.order.front(), self.postponed.front()]
                 .into_iter()
                 .flatten()
-                .map(|(d, _, _)| *d)
+                .map(|d| d.at)
                 .min();
             tokio::select! {
                 biased;
@@ -380,15 +568,15 @@ impl Coalescer {
             Input::Action(action, item) => {
                 let (key, member) = BatchKey::of(action);
                 if let BatchKey::Destroy(channel) = key {
-                    self.add_destroy(channel, item, now).await
+                    self.add_destroy(channel, item).await
                 } else if let Some(member) = member {
                     self.supersede(&key, &member);
-                    self.add_member(key, member, vec![item], now).await
+                    self.add_member(key, member, item, now).await
                 } else {
                     Ok(())
                 }
             }
-            Input::Retry { key, member, items } => self.add_member(key, member, items, now).await,
+            Input::Retry { key, member, item } => self.add_member(key, member, item, now).await,
         }
     }
 
@@ -397,30 +585,49 @@ impl Coalescer {
             return Ok(());
         }
         if self.open.len() >= self.max_open_keys {
-            // Bounded memory: the oldest open batch goes now, not full.
-            if let Some((_, oldest, _)) = self.order.pop_front() {
-                if let Some(b) = self.open.remove(&oldest) {
+            // Bounded memory: the oldest open batch goes now, not full
+            // (entries of batches already gone are skipped).
+            while let Some(oldest) = self.order.pop_front() {
+                if self.is_current(&oldest) {
+                    let b = self.open.remove(&oldest.key).expect("current");
                     self.send(b).await?;
+                    break;
                 }
             }
         }
-        self.open
-            .insert(key.clone(), Batch::new(key.clone(), now, self.max_batch));
-        self.order.push_back((now + self.linger, key.clone(), now));
+        let generation = self.generation;
+        self.generation = self.generation.wrapping_add(1);
+        self.open.insert(
+            key.clone(),
+            Batch::new(key.clone(), generation, self.max_batch),
+        );
+        self.order.push_back(Due {
+            at: now + self.linger,
+            key: key.clone(),
+            generation,
+            opened: now,
+        });
         self.metrics.set_open_keys(self.open.len());
         Ok(())
+    }
+
+    /// Whether `due` is the entry of the batch open now for its key.
+    fn is_current(&self, due: &Due) -> bool {
+        self.open
+            .get(&due.key)
+            .is_some_and(|b| b.generation == due.generation)
     }
 
     async fn add_member(
         &mut self,
         key: BatchKey,
         member: UserId,
-        items: Vec<Item>,
+        item: Item,
         now: Instant,
     ) -> Result<(), Closed> {
         self.open_batch(&key, now).await?;
         let batch = self.open.get_mut(&key).expect("just opened");
-        batch.members.entry(member).or_default().extend(items);
+        batch.members.push(member, item);
         if batch.is_full() || self.draining || self.linger.is_zero() {
             let b = self.open.remove(&key).expect("present");
             self.metrics.set_open_keys(self.open.len());
@@ -436,40 +643,35 @@ impl Coalescer {
         let Some(batch) = self.open.get_mut(&other) else {
             return;
         };
-        let Some(items) = batch.members.shift_remove(member) else {
+        let items = batch.remove_member(member);
+        if items.is_empty() {
             return;
-        };
+        }
         let n = items.len();
         self.metrics.items(other.api(), ItemResult::Noop, n);
         self.metrics.pending_add(other.api(), -(n as i64));
         for i in items {
             i.origin.settle_one();
         }
-        if batch.members.is_empty() && batch.whole.is_empty() {
+        if batch.is_empty() {
             self.open.remove(&other);
             self.metrics.set_open_keys(self.open.len());
         }
     }
 
-    async fn add_destroy(
-        &mut self,
-        channel: ChannelId,
-        item: Item,
-        now: Instant,
-    ) -> Result<(), Closed> {
+    async fn add_destroy(&mut self, channel: ChannelId, item: Item) -> Result<(), Closed> {
         let unsub_key = BatchKey::Unsubscribe(channel.clone());
-        let key = BatchKey::Destroy(channel);
-        self.open_batch(&key, now).await?;
-        let mut batch = self.open.remove(&key).expect("just opened");
-        batch.whole.push(item);
+        // Never open: it goes at once, whatever its generation.
+        let mut batch = Batch::new(BatchKey::Destroy(channel), 0, self.max_batch);
+        let mut whole = Whole {
+            items: vec![item],
+            riders: Vec::new(),
+        };
         if let Some(unsubs) = self.open.remove(&unsub_key) {
-            for (user, items) in unsubs.members {
-                batch
-                    .riders
-                    .extend(items.into_iter().map(|i| (user.clone(), i)));
-            }
+            whole.riders = unsubs.into_parts().members;
+            self.metrics.set_open_keys(self.open.len());
         }
-        self.metrics.set_open_keys(self.open.len());
+        batch.whole = Some(Box::new(whole));
         // A destroy cannot grow: send it now.
         self.send(batch).await
     }
@@ -478,24 +680,26 @@ impl Coalescer {
         let now = Instant::now();
         let mut due = Vec::new();
         for queue in [&mut self.order, &mut self.postponed] {
-            while queue.front().is_some_and(|(d, _, _)| *d <= now) {
-                let (_, key, opened) = queue.pop_front().expect("front exists");
-                due.push((key, opened));
+            while queue.front().is_some_and(|d| d.at <= now) {
+                due.push(queue.pop_front().expect("front exists"));
             }
         }
-        for (key, opened) in due {
-            if self.open.get(&key).is_none_or(|b| b.opened != opened) {
+        for d in due {
+            if !self.is_current(&d) {
                 continue;
             }
             // While batches of this API wait for the limiter, a partly full
             // one would only queue behind them: keep filling it.
-            let saturated = self.backlog.waiting(key.api()) > 0;
+            let saturated = self.backlog.waiting(d.key.api()) > 0;
             let hold = (self.linger * MAX_LINGERS).max(MIN_HOLD);
-            if saturated && !self.draining && now < opened + hold {
-                self.postponed.push_back((now + RECHECK, key, opened));
+            if saturated && !self.draining && now < d.opened + hold {
+                self.postponed.push_back(Due {
+                    at: now + RECHECK,
+                    ..d
+                });
                 continue;
             }
-            let b = self.open.remove(&key).expect("present");
+            let b = self.open.remove(&d.key).expect("present");
             self.send(b).await?;
         }
         self.metrics.set_open_keys(self.open.len());
@@ -513,7 +717,8 @@ impl Coalescer {
         Ok(())
     }
 
-    async fn send(&mut self, b: Batch) -> Result<(), Closed> {
+    async fn send(&mut self, mut b: Batch) -> Result<(), Closed> {
+        b.seal();
         let api = b.api();
         self.backlog.queued(api);
         // Waiting here is the backpressure: the dispatcher is saturated.
@@ -532,5 +737,226 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{DeadLetter, Settle};
+    use crate::settle::Pending;
+    use std::sync::atomic::AtomicUsize;
+
+    #[test]
+    fn a_batch_of_one_account_is_no_bigger_than_a_few_words() {
+        // A backlog of single-account keys holds one of these per item.
+        assert!(std::mem::size_of::<Items>() <= 16);
+        assert!(std::mem::size_of::<Members>() <= 32);
+        assert!(std::mem::size_of::<Batch>() <= 72);
+    }
+
+    /// Counts the events that settled.
+    struct Count(Arc<AtomicUsize>);
+    impl Settle for Count {
+        fn settled(self: Box<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn dead_lettered(self: Box<Self>, _: DeadLetter, _: Vec<u8>) {}
+        fn action_dead_lettered(&self, _: DeadLetter) {}
+    }
+
+    fn user(u: &str) -> UserId {
+        UserId::parse(u).unwrap()
+    }
+
+    fn chan(c: &str) -> ChannelId {
+        ChannelId::parse(format!("@TOA#_{c}")).unwrap()
+    }
+
+    struct Harness {
+        c: Coalescer,
+        out: mpsc::Receiver<Batch>,
+        settled: Arc<AtomicUsize>,
+        pending: Arc<Pending>,
+    }
+
+    impl Harness {
+        fn new(max_open_keys: usize) -> Harness {
+            let (tx, out) = mpsc::channel(1000);
+            let metrics = Metrics::new([]);
+            Harness {
+                c: Coalescer::new(
+                    Duration::from_secs(60),
+                    max_open_keys,
+                    100,
+                    Arc::new(Backlog::default()),
+                    tx,
+                    metrics.clone(),
+                ),
+                out,
+                settled: Arc::default(),
+                pending: Pending::new(1000, metrics),
+            }
+        }
+
+        /// One event with one action.
+        async fn act(&mut self, action: Action) {
+            let origin = Origin::new(
+                Arc::from("user.banned"),
+                1,
+                std::time::Instant::now(),
+                self.pending.clone(),
+                0,
+                Box::new(Count(self.settled.clone())),
+            );
+            let item = Item {
+                origin,
+                attempts: 0,
+            };
+            self.c.add(Input::Action(action, item)).await.unwrap();
+        }
+
+        fn sent(&mut self) -> Vec<Batch> {
+            std::iter::from_fn(|| self.out.try_recv().ok()).collect()
+        }
+    }
+
+    fn unsub(c: &str, u: &str) -> Action {
+        Action::Unsubscribe {
+            channel: chan(c),
+            user: user(u),
+        }
+    }
+
+    fn accounts(b: &Batch) -> Vec<String> {
+        b.accounts().map(String::from).collect()
+    }
+
+    #[tokio::test]
+    async fn an_account_asked_for_twice_is_one_account_with_two_items() {
+        let mut h = Harness::new(100);
+        h.act(unsub("a", "u1")).await;
+        h.act(unsub("a", "u2")).await;
+        h.act(unsub("a", "u1")).await;
+        h.c.flush_all().await.unwrap();
+        let b = h.sent().pop().expect("one batch");
+        assert_eq!(accounts(&b), ["u1", "u2"]);
+        assert_eq!((b.size(), b.item_count()), (2, 3));
+        match b.request() {
+            Request::DeleteSubscriber(c, accounts) => {
+                assert_eq!(c, &chan("a"));
+                assert_eq!(accounts.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn many_events_for_one_account_stay_one_account() {
+        // Each item joins its account's entry, found among at most the
+        // batch's capacity of accounts, however many items there are.
+        let mut h = Harness::new(100);
+        for _ in 0..5_000 {
+            h.act(unsub("a", "same")).await;
+        }
+        h.act(unsub("a", "other")).await;
+        h.c.flush_all().await.unwrap();
+        let b = h.sent().pop().expect("one batch");
+        assert_eq!(accounts(&b), ["same", "other"]);
+        assert_eq!((b.size(), b.item_count()), (2, 5_001));
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_goes_at_once_and_the_key_opens_anew() {
+        let mut h = Harness::new(100);
+        for i in 0..21 {
+            h.act(Action::Unfollow {
+                from: user("fan"),
+                to: user(&format!("t{i}")),
+            })
+            .await;
+        }
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].size(), 20, "follow_delete carries 20");
+        assert!(sent[0].is_full());
+        assert_eq!(h.c.open.len(), 1, "the 21st waits in a new batch");
+    }
+
+    #[tokio::test]
+    async fn a_destroy_takes_the_pending_unsubscribes_of_its_channel_along() {
+        let mut h = Harness::new(100);
+        h.act(unsub("gone", "u1")).await;
+        h.act(unsub("gone", "u2")).await;
+        h.act(unsub("stays", "u3")).await;
+        h.act(Action::Destroy {
+            channel: chan("gone"),
+        })
+        .await;
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1, "the destroy goes at once");
+        assert_eq!(sent[0].key(), &BatchKey::Destroy(chan("gone")));
+        assert_eq!(sent[0].item_count(), 3);
+        let parts = sent.into_iter().next().unwrap().into_parts();
+        assert_eq!(parts.whole.len(), 1);
+        let riders: Vec<&str> = parts.riders.iter().map(|(u, _)| u.as_str()).collect();
+        assert_eq!(riders, ["u1", "u2"]);
+        assert!(!h.c.open.contains_key(&BatchKey::Unsubscribe(chan("gone"))));
+        assert!(h.c.open.contains_key(&BatchKey::Unsubscribe(chan("stays"))));
+    }
+
+    #[tokio::test]
+    async fn a_later_opposite_action_supersedes_the_pending_one() {
+        let mut h = Harness::new(100);
+        h.act(unsub("c", "u1")).await;
+        h.act(unsub("c", "u2")).await;
+        h.act(Action::Subscribe {
+            channel: chan("c"),
+            user: user("u1"),
+        })
+        .await;
+        // The removal of u1 settled as a noop, never to be sent.
+        assert_eq!(h.settled.load(Ordering::SeqCst), 1);
+        h.c.flush_all().await.unwrap();
+        let mut sent = h.sent();
+        sent.sort_by_key(|b| b.api().name());
+        let (add, del) = (&sent[0], &sent[1]);
+        assert_eq!(add.key(), &BatchKey::Subscribe(chan("c")));
+        assert_eq!(accounts(add), ["u1"]);
+        assert_eq!(accounts(del), ["u2"]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_splits_with_each_accounts_items_on_one_side() {
+        let mut h = Harness::new(100);
+        for u in ["u1", "u2", "u1", "u3", "u4", "u1"] {
+            h.act(unsub("c", u)).await;
+        }
+        h.c.flush_all().await.unwrap();
+        let b = h.sent().pop().unwrap();
+        let (a, c) = b.split().expect("four accounts split");
+        assert_eq!(accounts(&a), ["u1", "u2"]);
+        assert_eq!(accounts(&c), ["u3", "u4"]);
+        assert_eq!((a.size(), a.item_count()), (2, 4));
+        assert_eq!((c.size(), c.item_count()), (2, 2));
+        let (one, _) = a.split().unwrap();
+        assert_eq!(one.item_count(), 3, "u1's three items stay together");
+        assert!(one.split().is_err(), "one account does not split");
+    }
+
+    #[tokio::test]
+    async fn past_max_open_keys_the_oldest_open_batch_goes_early() {
+        let mut h = Harness::new(2);
+        for fan in ["f1", "f2", "f3"] {
+            h.act(Action::Unfollow {
+                from: user(fan),
+                to: user("banned"),
+            })
+            .await;
+        }
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].key(), &BatchKey::Unfollow(user("f1")));
+        assert_eq!(h.c.open.len(), 2);
     }
 }

@@ -18,7 +18,6 @@ use crate::inbox::{Content, Delivery, Inbox};
 use crate::pipeline::Pipeline;
 use crate::resolve::{PlanError, Planner};
 use crate::rules::RuleError;
-use crate::settle::EventMeta;
 use crate::sweep::Sweeps;
 use crate::telemetry::Metrics;
 
@@ -88,16 +87,16 @@ pub async fn run(
         }
         // Debug: one span per event is bookkeeping info logs do not use.
         let span = tracing::debug_span!("event", id = %delivery.id, kind = %plan.kind, source = %delivery.source);
-        let receipt = delivery.receipt;
-        let meta = EventMeta {
-            id: delivery.id,
-            kind: plan.kind,
-            body: Arc::from(body_of(delivery.content)),
-        };
+        // The id and body stay with the inbox (the journal entry, or the
+        // delivery its receipt holds): the pipeline keeps only the type.
+        drop(delivery.content);
         let submit = tracing::Instrument::instrument(
-            pipeline.submit(meta, plan.actions, delivery.accepted_at, move || {
-                receipt.settled()
-            }),
+            pipeline.submit(
+                &plan.kind,
+                plan.actions,
+                delivery.accepted_at,
+                delivery.receipt,
+            ),
             span,
         );
         let submitted = tokio::select! {

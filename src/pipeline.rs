@@ -2,10 +2,12 @@
 //! the in-memory bound (`max_pending_items`) that gives backpressure to
 //! whatever feeds it: the intake loop, and sweeps.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Semaphore};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,8 +15,8 @@ use tokio_util::task::TaskTracker;
 use crate::coalesce::{Backlog, Coalescer, Input, Item};
 use crate::config::{BatchingSettings, DispatchSettings};
 use crate::dispatch::{Active, Dispatcher, Upstream};
-use crate::domain::{Action, DeadLetterSink};
-use crate::settle::{EventMeta, Origin};
+use crate::domain::{Action, Settle};
+use crate::settle::{Origin, Pending};
 use crate::telemetry::Metrics;
 use crate::tencent::TencentClient;
 
@@ -28,9 +30,31 @@ pub struct Closed;
 #[derive(Clone)]
 pub struct Pipeline {
     input: mpsc::Sender<Input>,
-    permits: Arc<Semaphore>,
+    pending: Arc<Pending>,
     max_pending: usize,
-    metrics: Metrics,
+    kinds: Arc<Kinds>,
+}
+
+/// Event types, held once each: every pending event of a type shares its
+/// name. Types come from the rules (and stored dead letters), so they are
+/// few; past `MAX_KINDS` a name is simply not shared.
+#[derive(Default)]
+struct Kinds(Mutex<HashSet<Arc<str>>>);
+
+const MAX_KINDS: usize = 1024;
+
+impl Kinds {
+    fn intern(&self, kind: &str) -> Arc<str> {
+        let mut set = self.0.lock();
+        if let Some(k) = set.get(kind) {
+            return k.clone();
+        }
+        let k: Arc<str> = Arc::from(kind);
+        if set.len() < MAX_KINDS {
+            set.insert(k.clone());
+        }
+        k
+    }
 }
 
 /// What keeps running behind the pipeline, for shutdown and readiness.
@@ -41,14 +65,14 @@ pub struct PipelineHandles {
     pub tasks: TaskTracker,
     /// Fires to abandon waits (backoff, circuit) at the end of the grace.
     pub hard_stop: CancellationToken,
-    permits: Arc<Semaphore>,
+    pending: Arc<Pending>,
     max_pending: usize,
 }
 
 impl PipelineHandles {
     /// Items accepted and not yet settled.
     pub fn in_flight(&self) -> usize {
-        self.max_pending - self.permits.available_permits()
+        self.max_pending - self.pending.permits.available_permits()
     }
 
     /// Waits until nothing is in flight, or `grace` passes; then stops
@@ -84,7 +108,6 @@ impl Pipeline {
         requests_per_second: u32,
         active: Active,
         client: Arc<TencentClient>,
-        dead: Arc<dyn DeadLetterSink>,
         metrics: Metrics,
     ) -> (Pipeline, PipelineHandles) {
         let hard_stop = CancellationToken::new();
@@ -114,55 +137,58 @@ impl Pipeline {
             upstream.clone(),
             backlog,
             retry_tx,
-            dead,
             metrics.clone(),
             hard_stop.clone(),
         );
         tasks.spawn(dispatcher.run(batch_rx, tasks.clone()));
-        let permits = Arc::new(Semaphore::new(d.max_pending_items));
+        let pending = Pending::new(d.max_pending_items, metrics);
         (
             Pipeline {
                 input: input_tx,
-                permits: permits.clone(),
+                pending: pending.clone(),
                 max_pending: d.max_pending_items,
-                metrics,
+                kinds: Arc::default(),
             },
             PipelineHandles {
                 upstream,
                 tasks,
                 hard_stop,
-                permits,
+                pending,
                 max_pending: d.max_pending_items,
             },
         )
     }
 
-    /// Puts an event's actions to work; `on_settled` runs once all settled.
-    /// Waits while the pipeline holds `max_pending_items` (backpressure).
+    /// Puts the actions of an event of type `kind` to work; its `receipt`
+    /// settles once all settled, and takes the dead letters of those that
+    /// could not be applied. Waits while the pipeline holds
+    /// `max_pending_items` (backpressure).
     pub async fn submit(
         &self,
-        meta: EventMeta,
+        kind: &str,
         actions: Vec<Action>,
         accepted_at: Instant,
-        on_settled: impl FnOnce() + Send + 'static,
+        receipt: Box<dyn Settle>,
     ) -> Result<(), Closed> {
         let want = actions.len().clamp(1, self.max_pending) as u32;
-        let permit = self
+        // Held by the event's tracker as a count, and given back when it
+        // settles: a permit object each would cost every event 16 bytes.
+        self.pending
             .permits
-            .clone()
-            .acquire_many_owned(want)
+            .acquire_many(want)
             .await
-            .map_err(|_| Closed)?;
+            .map_err(|_| Closed)?
+            .forget();
         let origin = Origin::new(
-            meta,
+            self.kinds.intern(kind),
             actions.len(),
             accepted_at.into_std(),
-            self.metrics.clone(),
-            Some(permit),
-            on_settled,
+            self.pending.clone(),
+            want,
+            receipt,
         );
         for action in actions {
-            self.metrics.pending_add(action.api(), 1);
+            self.pending.metrics.pending_add(action.api(), 1);
             let item = Item {
                 origin: origin.clone(),
                 attempts: 0,

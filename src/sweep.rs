@@ -53,12 +53,11 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::dispatch::{Active, ReadError, Upstream};
-use crate::domain::{Action, ChannelId, DeadLetter, DeadLetterReason, UserId};
+use crate::domain::{Action, ChannelId, DeadLetter, DeadLetterReason, DeadLetterSink, UserId};
 use crate::inbox::journal::Journal;
 use crate::inbox::sweep_log::{Logged, Record, SweepLog};
 use crate::inbox::Settle;
 use crate::pipeline::Pipeline;
-use crate::settle::EventMeta;
 use crate::telemetry::Metrics;
 use crate::tencent::api::MAX_SUBSCRIBER_PAGE;
 use crate::tencent::types::GetSubscriberInfoResponse;
@@ -200,17 +199,53 @@ pub struct Sweeps {
     /// Broker mode: the deliveries of the commands of the sweeps running
     /// here, acked once the sweep's last record is stored.
     commands: Mutex<HashMap<u64, Vec<Box<dyn Settle>>>>,
+    /// Where a removal that fails is kept (the inbox's).
+    dead: Arc<dyn DeadLetterSink>,
     stop: CancellationToken,
 }
 
+/// A removal round's receipt: its dead letters carry the sweep (there is no
+/// event), and settling wakes the sweep.
+struct RoundReceipt {
+    done: tokio::sync::oneshot::Sender<()>,
+    /// Stands for the event id in its dead letters.
+    id: String,
+    sweep: serde_json::Value,
+    dead: Arc<dyn DeadLetterSink>,
+}
+
+impl Settle for RoundReceipt {
+    fn settled(self: Box<Self>) {
+        let _ = self.done.send(());
+    }
+
+    fn dead_lettered(self: Box<Self>, dl: DeadLetter, _body: Vec<u8>) {
+        // A round is submitted already planned; kept all the same.
+        self.dead.record(dl);
+        let _ = self.done.send(());
+    }
+
+    fn action_dead_lettered(&self, mut dl: DeadLetter) {
+        dl.event_id = self.id.clone();
+        dl.event = self.sweep.clone();
+        self.dead.record(dl);
+    }
+}
+
 impl Sweeps {
-    pub fn new(upstream: Arc<Upstream>, pipeline: Pipeline, store: SweepStore) -> Arc<Sweeps> {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        pipeline: Pipeline,
+        store: SweepStore,
+        dead: Arc<dyn DeadLetterSink>,
+    ) -> Arc<Sweeps> {
         Arc::new(Sweeps {
             upstream,
             pipeline: Mutex::new(Some(pipeline)),
             jobs: DashMap::new(),
             store,
             commands: Mutex::new(HashMap::new()),
+            dead,
             stop: CancellationToken::new(),
         })
     }
@@ -860,19 +895,15 @@ impl Sweeps {
         if actions.is_empty() {
             return Ok(());
         }
-        let meta = EventMeta {
-            id: format!("sweep-{id}"),
-            kind: "sweep".into(),
-            body: Arc::from(
-                serde_json::to_vec(&serde_json::json!({"sweep": id, "channel": channel}))
-                    .unwrap_or_default(),
-            ),
-        };
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let receipt = Box::new(RoundReceipt {
+            done: tx,
+            id: format!("sweep-{id}"),
+            sweep: serde_json::json!({"sweep": id, "channel": channel}),
+            dead: self.dead.clone(),
+        });
         tokio::select! {
-            r = pipeline.submit(meta, actions, Instant::now(), move || {
-                let _ = tx.send(());
-            }) => r.map_err(|_| Halt::Stopped)?,
+            r = pipeline.submit("sweep", actions, Instant::now(), receipt) => r.map_err(|_| Halt::Stopped)?,
             _ = self.stop.cancelled() => return Err(Halt::Stopped),
         }
         tokio::select! {

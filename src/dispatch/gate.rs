@@ -3,11 +3,12 @@
 //! calls, a cap on calls in flight, and a pause after a 60007-class answer.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parking_lot::Mutex;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +18,7 @@ const RATE_LIMIT_PAUSE: Duration = Duration::from_secs(1);
 /// The per-API gate every attempt passes.
 pub(super) struct Gate {
     limiter: DefaultDirectRateLimiter,
-    in_flight: Semaphore,
+    in_flight: Arc<Semaphore>,
     paused_until: Mutex<Instant>,
 }
 
@@ -37,14 +38,16 @@ impl Gate {
             .allow_burst(NonZeroU32::new(burst).expect("burst >= 1"));
         Gate {
             limiter: RateLimiter::direct(quota),
-            in_flight: Semaphore::new(max_in_flight),
+            in_flight: Arc::new(Semaphore::new(max_in_flight)),
             paused_until: Mutex::new(Instant::now()),
         }
     }
 
-    pub(super) async fn enter(&self, stop: &CancellationToken) -> Option<SemaphorePermit<'_>> {
+    /// Waits for an in-flight slot (held until the permit drops), the end
+    /// of a pause, and the limiter; `None` if `stop` fires first.
+    pub(super) async fn enter(&self, stop: &CancellationToken) -> Option<OwnedSemaphorePermit> {
         let permit = tokio::select! {
-            p = self.in_flight.acquire() => p.ok()?,
+            p = self.in_flight.clone().acquire_owned() => p.ok()?,
             _ = stop.cancelled() => return None,
         };
         loop {

@@ -1,97 +1,97 @@
 //! Settling a batch's items from its call's answer: applied, noop, back to
-//! the coalescer for another try, or dead-lettered with the reason.
+//! the coalescer for another try, or dead-lettered with the reason (through
+//! the item's event, whose inbox keeps the dead letter with the event's id
+//! and body).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 
 use tokio::sync::mpsc;
 
 use crate::coalesce::{Batch, BatchKey, Input, Item};
-use crate::domain::{
-    Action, Api, DeadLetter, DeadLetterReason, DeadLetterSink, ItemResult, UserId,
-};
+use crate::domain::{Action, Api, DeadLetter, DeadLetterReason, ItemResult, UserId};
 use crate::telemetry::Metrics;
 use crate::tencent::client::{BatchOutcome, ItemOutcome};
 
 pub(super) struct Settler {
     pub metrics: Metrics,
-    pub dead: Arc<dyn DeadLetterSink>,
     /// Back to the coalescer, for items whose call failed for them alone.
     pub retries: mpsc::UnboundedSender<Input>,
     pub max_attempts: u32,
 }
 
 impl Settler {
-    fn items(&self, api: Api, items: Vec<Item>, result: ItemResult) {
-        self.metrics.items(api, result, items.len());
-        self.metrics.pending_add(api, -(items.len() as i64));
+    fn items(&self, api: Api, items: impl IntoIterator<Item = Item>, result: ItemResult) {
+        let mut n = 0;
         for i in items {
             i.origin.settle_one();
+            n += 1;
         }
+        self.metrics.items(api, result, n);
+        self.metrics.pending_add(api, -(n as i64));
     }
 
     /// Unsubscribes that rode on a destroy of their channel.
     fn riders(&self, riders: Vec<(UserId, Item)>, result: ItemResult) {
-        let items = riders.into_iter().map(|(_, i)| i).collect();
-        self.items(Api::DeleteSubscriber, items, result);
+        self.items(
+            Api::DeleteSubscriber,
+            riders.into_iter().map(|(_, i)| i),
+            result,
+        );
     }
 
     /// The call succeeded: each member as the answer says.
-    pub fn outcome(&self, mut batch: Batch, outcome: BatchOutcome) {
+    pub fn outcome(&self, batch: Batch, outcome: BatchOutcome) {
         let api = batch.api();
-        for (user, o) in outcome.items {
-            let Some(items) = batch.take_member(&user) else {
-                continue;
-            };
-            match o {
-                ItemOutcome::Applied => self.items(api, items, ItemResult::Applied),
-                ItemOutcome::Noop => self.items(api, items, ItemResult::Noop),
-                ItemOutcome::Failed => self.retry_member(batch.key(), user, items),
+        let key = batch.key().clone();
+        let said: HashMap<UserId, ItemOutcome> = outcome.items.into_iter().collect();
+        let parts = batch.into_parts();
+        let (mut applied, mut noop) = (Vec::new(), Vec::new());
+        for (user, item) in parts.members {
+            match said.get(&user) {
+                Some(ItemOutcome::Applied) => applied.push(item),
+                Some(ItemOutcome::Noop) => noop.push(item),
+                // Members the answer did not mention were turned into
+                // Failed by the client; be safe anyway.
+                Some(ItemOutcome::Failed) | None => self.retry_item(&key, user, item),
             }
         }
-        let key = batch.key().clone();
-        let rest = batch.into_parts();
+        self.items(api, applied, ItemResult::Applied);
+        self.items(api, noop, ItemResult::Noop);
         // Whole-target work (destroy) and its riders: the call succeeded.
-        self.items(api, rest.whole, ItemResult::Applied);
-        self.riders(rest.riders, ItemResult::Noop);
-        // Members the answer did not mention were turned into Failed by the
-        // client, so nothing is left here; be safe anyway.
-        for (user, items) in rest.members {
-            self.retry_member(&key, user, items);
-        }
+        self.items(api, parts.whole, ItemResult::Applied);
+        self.riders(parts.riders, ItemResult::Noop);
     }
 
     /// Everything in the batch settles as `result` (riders as noop).
     pub fn all(&self, batch: Batch, result: ItemResult) {
         let api = batch.api();
         let parts = batch.into_parts();
-        let members = parts.members.into_iter().flat_map(|(_, v)| v).collect();
-        self.items(api, members, result);
+        self.items(api, parts.members.into_iter().map(|(_, i)| i), result);
         self.items(api, parts.whole, result);
         self.riders(parts.riders, ItemResult::Noop);
     }
 
-    fn retry_member(&self, key: &BatchKey, user: UserId, items: Vec<Item>) {
+    fn retry_item(&self, key: &BatchKey, user: UserId, item: Item) {
         let api = key.api();
-        let attempts = items.iter().map(|i| i.attempts).max().unwrap_or(0) + 1;
+        let attempts = item.attempts + 1;
         if attempts >= self.max_attempts {
             self.dead_letter_items(
                 api,
                 &key.member_action(&user),
-                items,
+                vec![item],
                 DeadLetterReason::ItemFailed,
                 "the upstream reported this item failed on every attempt",
             );
             return;
         }
-        self.metrics.items(api, ItemResult::Retried, items.len());
-        let items = items.into_iter().map(|i| Item { attempts, ..i }).collect();
+        self.metrics.items(api, ItemResult::Retried, 1);
         let input = Input::Retry {
             key: key.clone(),
             member: user,
-            items,
+            item: Item { attempts, ..item },
         };
         if self.retries.send(input).is_err() {
-            // Shutting down: the items stay unsettled and are replayed.
+            // Shutting down: the item stays unsettled and is replayed.
             tracing::debug!("coalescer gone; item left for replay");
         }
     }
@@ -100,8 +100,8 @@ impl Settler {
         let api = batch.api();
         let key = batch.key().clone();
         let parts = batch.into_parts();
-        for (user, items) in parts.members {
-            self.dead_letter_items(api, &key.member_action(&user), items, reason, detail);
+        for (user, item) in parts.members {
+            self.dead_letter_items(api, &key.member_action(&user), vec![item], reason, detail);
         }
         if let BatchKey::Destroy(channel) = &key {
             let destroy = Action::Destroy {
@@ -133,11 +133,8 @@ impl Settler {
         tracing::warn!(api = api.name(), %reason, %detail, "dead-lettered");
         self.metrics.dead_lettered(reason, items.len());
         for i in &items {
-            let meta = i.origin.meta();
-            self.dead.record(DeadLetter::new(
-                &meta.id,
-                &meta.kind,
-                &meta.body,
+            i.origin.dead_letter(DeadLetter::unfilled(
+                i.origin.kind(),
                 Some(action.clone()),
                 reason,
                 detail,

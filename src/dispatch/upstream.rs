@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -38,6 +39,14 @@ pub(super) struct Attempt<T> {
     pub pass: Pass,
     pub started: Instant,
     pub result: Result<T, ApiError>,
+}
+
+/// Leave to make one call now: this replica is the active dispatcher, the
+/// circuit let it pass, and its API's gate admitted it. It holds one of the
+/// API's in-flight slots until the call it is spent on ends.
+pub(super) struct Admission {
+    pass: Pass,
+    slot: OwnedSemaphorePermit,
 }
 
 /// The Tencent REST API under our limits.
@@ -94,47 +103,46 @@ impl Upstream {
         self.active.is_active()
     }
 
-    /// One attempt, as every attempt goes: only while this replica is the
-    /// active dispatcher, through the circuit, the API's in-flight cap and
-    /// limiter (`on_gate` runs once past them), counted. `None` when
-    /// stopped.
-    pub(super) async fn attempt<T, F, Fut>(
-        &self,
-        api: Api,
-        items: Option<usize>,
-        on_gate: impl FnOnce(),
-        call: F,
-    ) -> Option<Attempt<T>>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, ApiError>>,
-    {
-        let (pass, permit) = loop {
+    /// Waits until one call on `api` may go, as every call goes: only while
+    /// this replica is the active dispatcher, through the circuit, the
+    /// API's in-flight cap and limiter. `None` when stopped.
+    pub(super) async fn admit(&self, api: Api) -> Option<Admission> {
+        loop {
             if !self.active.ready(&self.stop).await {
                 return None;
             }
             let pass = self.circuit.pass(&self.stop).await?;
-            let permit = self.gates[&api].enter(&self.stop).await?;
+            let slot = self.gates[&api].enter(&self.stop).await?;
             // The lease may have gone while this waited for the limiter.
             if self.active.is_active() {
-                break (pass, permit);
+                return Some(Admission { pass, slot });
             }
-        };
-        on_gate();
+        }
+    }
+
+    /// Makes the call `admission` was given for, counted.
+    pub(super) async fn call<T>(
+        &self,
+        api: Api,
+        admission: Admission,
+        items: Option<usize>,
+        call: impl Future<Output = Result<T, ApiError>>,
+    ) -> Attempt<T> {
+        let Admission { pass, slot } = admission;
         let started = Instant::now();
-        let result = call().await;
-        drop(permit);
+        let result = call.await;
+        drop(slot);
         let code = match &result {
             Ok(_) => "0".to_owned(),
             Err(e) => e.metric_code(),
         };
         self.metrics
             .upstream_request(api, &code, started.elapsed().as_secs_f64(), items);
-        Some(Attempt {
+        Attempt {
             pass,
             started,
             result,
-        })
+        }
     }
 
     /// An attempt that got an answer we can use.
@@ -194,10 +202,8 @@ impl Upstream {
     {
         let mut retries = Retries::default();
         loop {
-            let a = self
-                .attempt(api, None, || {}, &call)
-                .await
-                .ok_or(ReadError::Stopped)?;
+            let admission = self.admit(api).await.ok_or(ReadError::Stopped)?;
+            let a = self.call(api, admission, None, call()).await;
             let err = match a.result {
                 Ok(v) => {
                     self.succeeded(a.pass);

@@ -1,6 +1,7 @@
 //! An action (or a whole event) that could not be applied, with the event it
-//! came from, and the one thing every inbox offers for them: a place to put
-//! them.
+//! came from; the one thing every inbox offers for them, a place to put them;
+//! and the receipt through which an event in the pipeline reaches the inbox
+//! that holds it (to settle, or to keep a dead letter with its body).
 
 use serde::{Deserialize, Serialize};
 
@@ -34,16 +35,38 @@ impl DeadLetter {
         reason: DeadLetterReason,
         detail: impl Into<String>,
     ) -> DeadLetter {
+        let mut dl = DeadLetter::unfilled(event_type, action, reason, detail);
+        dl.event_id = event_id.to_owned();
+        dl.fill_event(body);
+        dl
+    }
+
+    /// A dead letter stamped now whose `event_id` is still empty and
+    /// `event` still `Null`: the pipeline keeps neither, so the inbox
+    /// holding the event fills them in (see
+    /// [`Settle::action_dead_lettered`]).
+    pub fn unfilled(
+        event_type: &str,
+        action: Option<Action>,
+        reason: DeadLetterReason,
+        detail: impl Into<String>,
+    ) -> DeadLetter {
         DeadLetter {
             id: 0,
-            event_id: event_id.to_owned(),
+            event_id: String::new(),
             event_type: event_type.to_owned(),
             action,
             reason,
             detail: detail.into(),
             at_unix: super::clock::unix_now(),
-            event: serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
+            event: serde_json::Value::Null,
         }
+    }
+
+    /// Sets `event` from the event's accepted body (`Null` if it is not
+    /// JSON).
+    pub fn fill_event(&mut self, body: &[u8]) {
+        self.event = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
     }
 }
 
@@ -51,4 +74,19 @@ impl DeadLetter {
 /// exchange in broker mode.
 pub trait DeadLetterSink: Send + Sync {
     fn record(&self, dl: DeadLetter);
+}
+
+/// How an accepted event is settled with the inbox it came from: the one
+/// handle the pipeline keeps per event while its actions are pending.
+pub trait Settle: Send + 'static {
+    /// Every action it produced has settled.
+    fn settled(self: Box<Self>);
+    /// It could not be turned into actions: kept as `dl` (and `body`, the
+    /// message as it came), never dropped.
+    fn dead_lettered(self: Box<Self>, dl: DeadLetter, body: Vec<u8>);
+    /// One of its actions could not be applied: `dl` (its `event_id` still
+    /// empty, its `event` still `Null`) is kept with both filled in by the
+    /// inbox, which holds the event; recorded before this receipt's
+    /// `settled`.
+    fn action_dead_lettered(&self, dl: DeadLetter);
 }

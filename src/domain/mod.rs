@@ -12,7 +12,7 @@ pub mod webhook_key;
 
 pub use action::Action;
 pub use api::Api;
-pub use dead_letter::{DeadLetter, DeadLetterSink};
+pub use dead_letter::{DeadLetter, DeadLetterSink, Settle};
 pub use ids::{ChannelId, IdError, UserId, CHANNEL_PREFIX};
 pub use outcome::{DeadLetterReason, ItemResult, RejectReason, Source};
 pub use webhook_key::WebhookKey;

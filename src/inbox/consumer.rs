@@ -117,9 +117,12 @@ async fn declared_log<'a>(
         .await
 }
 
-/// A delivery's settle handle.
+/// A delivery's settle handle. It keeps the message's body (bounded by
+/// `amqp.prefetch`) for the dead letters of its actions: the pipeline holds
+/// no bodies.
 struct Receipt {
     id: String,
+    body: Vec<u8>,
     acker: Acker,
     dead: Arc<BrokerDeadLetters>,
     dead_log: Arc<OnceCell<DeadLog>>,
@@ -179,6 +182,13 @@ impl Settle for Receipt {
                 Err(e) => tracing::warn!(error = %e, "dead letter not logged; the message will be redelivered"),
             }
         });
+    }
+
+    fn action_dead_lettered(&self, mut dl: DeadLetter) {
+        dl.event_id = self.id.clone();
+        dl.fill_event(&self.body);
+        // Enqueued now, so the ack in `settled` waits for its confirm.
+        self.dead.record(dl);
     }
 }
 
@@ -436,12 +446,13 @@ impl Consumer {
             count_received: !sweep,
             accepted_at: Instant::now(),
             content: if sweep {
-                Content::Sweep(d.data)
+                Content::Sweep(d.data.clone())
             } else {
-                Content::Event(d.data)
+                Content::Event(d.data.clone())
             },
             receipt: Box::new(Receipt {
                 id,
+                body: d.data,
                 acker: d.acker,
                 dead: self.dead.clone(),
                 dead_log: self.dead_log.clone(),

@@ -1,6 +1,7 @@
 //! Embedded mode's `Inbox`: the journal. Deliveries are its live records
 //! read in log order (woken by each commit); settling marks a record
-//! settled; a dead letter is stored in the journal with the event.
+//! settled; a dead letter is stored in the journal with the event, which
+//! the writer reads from the record itself (the pipeline holds no bodies).
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -42,6 +43,12 @@ impl Settle for Entry {
         dl.event = serde_json::Value::Null;
         self.journal.dead_letter_for(self.at, dl);
         self.journal.settle(self.at.seq);
+    }
+
+    fn action_dead_lettered(&self, dl: DeadLetter) {
+        // The event is read from this very entry, which stays until the
+        // settle that the writer orders after this.
+        self.journal.dead_letter_for(self.at, dl);
     }
 }
 

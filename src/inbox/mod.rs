@@ -24,7 +24,8 @@ use futures_util::stream::BoxStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Action, DeadLetter, DeadLetterSink, Source};
+pub use crate::domain::Settle;
+use crate::domain::{Action, DeadLetterSink, Source};
 use crate::telemetry::Metrics;
 use broker::BrokerError;
 use journal::JournalError;
@@ -76,15 +77,6 @@ pub enum Content {
     /// Broker mode: a sweep command (see `sweep_log`), for the sweeps
     /// rather than the pipeline.
     Sweep(Vec<u8>),
-}
-
-/// How a delivery is settled with the inbox it came from.
-pub trait Settle: Send + 'static {
-    /// Every action it produced has settled.
-    fn settled(self: Box<Self>);
-    /// It could not be turned into actions: kept as `dl` (and `body`, the
-    /// message as it came), never dropped.
-    fn dead_lettered(self: Box<Self>, dl: DeadLetter, body: Vec<u8>);
 }
 
 /// An accepted event on its way into the pipeline.

@@ -498,6 +498,13 @@ async fn dead_letters_are_listed_and_replayed_in_broker_mode() {
         .iter()
         .find(|d| d["dead_letter"]["reason"] == "unknown_error")
         .expect("the action's dead letter is listed");
+    // The delivery's receipt filled in the event: the pipeline holds no
+    // bodies.
+    assert_eq!(action["dead_letter"]["event_id"], "amqp-b1");
+    assert_eq!(
+        action["dead_letter"]["event"],
+        json!({"type": "user.banned", "data": {"user_id": "b1", "channels": ["@TOA#_bdl"]}})
+    );
     assert!(
         listed.iter().any(|d| d["reason"] == "malformed"),
         "the rejected message is listed: {listed:?}"

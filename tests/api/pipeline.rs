@@ -226,6 +226,15 @@ async fn a_bad_account_is_isolated_and_dead_lettered_alone() {
     assert_eq!(dl["action"]["user"], "bad account");
     assert!(dl["detail"].as_str().unwrap().contains("6017"), "{dl}");
     assert_eq!(dl["event_id"], "iso-bad account");
+    // The journal filled the event in: the pipeline holds no bodies.
+    assert_eq!(
+        dl["event"],
+        json!({
+            "type": "user.banned",
+            "timestamp": "2026-11-21T10:00:00Z",
+            "data": {"user_id": "bad account", "channels": ["@TOA#_iso"]}
+        })
+    );
     assert_eq!(
         app.metric("chat_janitor_dead_letters_total{reason=\"bad_request\"}")
             .await,
@@ -336,6 +345,56 @@ async fn dead_letters_can_be_replayed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    app.stop().await;
+}
+
+/// A replayed action that fails again is dead-lettered again with the
+/// event it came from: the journal reads it from the replay entry.
+#[tokio::test]
+async fn a_replayed_action_that_fails_again_keeps_its_event() {
+    let up = TestUpstream::start().await;
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new("@TOA#_rp2", ["r2"])],
+        ..Seed::default()
+    });
+    up.emulator
+        .set_faults(Faults::new(vec![FaultRule::error_code(
+            Some("delete_subscriber"),
+            99999,
+        )]));
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.dispatch.max_attempts = 2;
+    settings.batching.linger_ms = 10;
+    let app = TestApp::spawn(settings).await;
+    let event = json!({"user_id": "r2", "channels": ["@TOA#_rp2"], "following": []});
+    let r = app.post_event("rp2-1", "user.banned", event.clone()).await;
+    assert_eq!(r.status(), 202);
+    eventually(10, "dead-lettered", || async {
+        app.dead_letters().await.len() == 1
+    })
+    .await;
+    let first = app.dead_letters().await.remove(0);
+    let want = json!({"type": "user.banned", "timestamp": "2026-11-21T10:00:00Z", "data": event});
+    assert_eq!(first["event_id"], "rp2-1");
+    assert_eq!(first["event"], want);
+    let r = app
+        .http
+        .post(app.url("/v1/admin/dead-letters/replay"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    eventually(10, "dead-lettered again", || async {
+        let l = app.dead_letters().await;
+        l.len() == 1 && l[0]["id"] != first["id"]
+    })
+    .await;
+    let again = app.dead_letters().await.remove(0);
+    assert_eq!(again["event_id"], "rp2-1");
+    assert_eq!(again["event"], want);
+    assert_eq!(again["action"], first["action"]);
     app.stop().await;
 }
 
@@ -532,4 +591,83 @@ async fn an_unparseable_journal_entry_is_dead_lettered_as_malformed() {
         1.0
     );
     app.stop().await;
+}
+
+/// A saturated API keeps its backlog as data, not as a parked task per
+/// batch, and holds up no other API: 600 single-account `follow_delete`
+/// batches wait for a 10 calls/s limiter while 300 removals from one
+/// channel fill their three batches and go.
+#[tokio::test]
+async fn a_saturated_api_waits_as_data_and_holds_up_no_other_api() {
+    let up = TestUpstream::start().await;
+    let members = users("hol", 300);
+    seed_channels(&up, &["@TOA#_hol".to_owned()], &members);
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.tencent.requests_per_second = 10;
+    // Removals go when their batch is full, not at a linger; follow keys
+    // past the first 50 go to the dispatcher at once.
+    settings.batching.linger_ms = 5_000;
+    settings.dispatch.max_open_keys = 50;
+    let app = TestApp::spawn(settings).await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let idle = tasks();
+    // Each follower is the From_Account of its own follow_delete.
+    for i in 0..30 {
+        let followers: Vec<String> = (0..20).map(|j| format!("fan{i}-{j}")).collect();
+        let r = app
+            .post_event(
+                &format!("hol-f{i}"),
+                "user.banned",
+                json!({"user_id": format!("star{i}"), "channels": [], "followers": followers}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    let follows_pending = || async {
+        app.metric("chat_janitor_pending_items{api=\"follow_delete\"}")
+            .await
+    };
+    eventually(10, "the follow backlog in the pipeline", || async {
+        follows_pending().await >= 550.0
+    })
+    .await;
+    let busy = tasks();
+    assert!(
+        busy < idle + 100,
+        "{busy} tasks alive with 600 batches waiting ({idle} idle): batches wait as tasks"
+    );
+    for u in &members {
+        let r = app
+            .post_event(
+                &format!("hol-{u}"),
+                "user.banned",
+                json!({"user_id": u, "channels": ["@TOA#_hol"]}),
+            )
+            .await;
+        assert_eq!(r.status(), 202);
+    }
+    eventually(10, "the removals applied", || async {
+        up.emulator.subscribers("@TOA#_hol").unwrap().is_empty()
+    })
+    .await;
+    let backlog = follows_pending().await;
+    assert!(
+        backlog > 300.0,
+        "the follow backlog was still there ({backlog} left), behind its own limiter"
+    );
+    let sizes: Vec<usize> = up
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.api == "delete_subscriber")
+        .map(|c| c.accounts.len())
+        .collect();
+    assert_eq!(sizes, [100, 100, 100]);
+    // Dropped without waiting for the follow backlog: shutdown would give it
+    // its full grace.
 }

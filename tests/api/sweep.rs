@@ -368,3 +368,37 @@ async fn resolving_follows_holds_under_offset_paging_with_removals() {
     assert!(app.dead_letters().await.is_empty());
     app.stop().await;
 }
+
+/// A removal a sweep cannot make is a dead letter that names the sweep (it
+/// has no event of its own).
+#[tokio::test]
+async fn a_sweeps_failed_removal_is_a_dead_letter_naming_the_sweep() {
+    let up = TestUpstream::start().await;
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new(SWEPT, ["keep", "deny-me"])],
+        ..Seed::default()
+    });
+    up.emulator
+        .set_faults(Faults::new(vec![FaultRule::error_code(
+            Some("delete_subscriber"),
+            99999,
+        )]));
+    let dir = temp_dir();
+    let mut settings = test_settings(&up.running.base_url(), dir.path());
+    settings.dispatch.max_attempts = 2;
+    settings.batching.linger_ms = 10;
+    let app = TestApp::spawn(settings).await;
+    let id = start_sweep(&app.url(""), &["deny-me".to_owned()], false).await;
+    let s = finished_sweep(&app.url(""), id).await;
+    assert_eq!(s["left"], 1, "{s}");
+    let dead = app.dead_letters().await;
+    assert!(!dead.is_empty());
+    for dl in &dead {
+        assert_eq!(dl["event_id"], format!("sweep-{id}"), "{dl}");
+        assert_eq!(dl["event_type"], "sweep", "{dl}");
+        assert_eq!(dl["event"], json!({"sweep": id, "channel": SWEPT}), "{dl}");
+        assert_eq!(dl["action"]["user"], "deny-me", "{dl}");
+        assert_eq!(dl["reason"], "unknown_error", "{dl}");
+    }
+    app.stop().await;
+}

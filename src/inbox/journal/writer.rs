@@ -487,7 +487,11 @@ impl Writer {
         }
         for i in 0..self.held_dead.len() {
             if let Some(loc) = self.held_dead[i].1.take() {
-                self.held_dead[i].0.event = self.event_at(loc);
+                if let Some((id, event)) = self.event_at(loc) {
+                    let dl = &mut self.held_dead[i].0;
+                    dl.event_id = id;
+                    dl.event = event;
+                }
             }
         }
         let mut dls: Vec<DeadLetter> = self.held_dead.iter().map(|(d, _)| d.clone()).collect();
@@ -510,36 +514,34 @@ impl Writer {
         }
     }
 
-    /// The event a record holds, as JSON (for a dead letter).
-    fn event_at(&self, loc: Loc) -> serde_json::Value {
+    /// The event id and event a record holds (for a dead letter: the
+    /// pipeline keeps neither).
+    fn event_at(&self, loc: Loc) -> Option<(String, serde_json::Value)> {
         let view = self
             .shared
             .segments
             .read()
             .range(..=loc.seq)
             .next_back()
-            .map(|(_, v)| v.clone());
-        let Some(view) = view else {
-            return serde_json::Value::Null;
-        };
+            .map(|(_, v)| v.clone())?;
         let mut head = [0u8; 4];
         if view.seg.read_at(&mut head, loc.offset).ok() != Some(4) {
-            return serde_json::Value::Null;
+            return None;
         }
         let len = u32::from_le_bytes(head) as usize + 8;
         let mut buf = vec![0u8; len];
         if view.seg.read_at(&mut buf, loc.offset).ok() != Some(len) {
-            return serde_json::Value::Null;
+            return None;
         }
         let Decoded::Record(rec, _) = log::decode(&buf) else {
-            return serde_json::Value::Null;
+            return None;
         };
-        if let Some((_, body)) = rec.event() {
-            return serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        if let Some((id, body)) = rec.event() {
+            let event = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+            return Some((id.to_owned(), event));
         }
-        rec.replay()
-            .and_then(|b| serde_json::from_slice::<DeadLetter>(b).ok())
-            .map_or(serde_json::Value::Null, |d| d.event)
+        let dl = serde_json::from_slice::<DeadLetter>(rec.replay()?).ok()?;
+        Some((dl.event_id, dl.event))
     }
 
     /// The segment a group of `len` bytes starting at `first_seq` goes to:
