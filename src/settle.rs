@@ -44,15 +44,19 @@ struct Tracker {
     receipt: Mutex<Option<Box<dyn Settle>>>,
     pending: Arc<Pending>,
     remaining: AtomicU32,
-    /// Its share of `max_pending_items`, given back when it settles (or,
-    /// at shutdown, when its last item is dropped unsettled).
-    permits: u32,
+    /// Its share of `max_pending_items` still held: given back one by one
+    /// as its actions settle (so the bound counts actions in memory, and an
+    /// event whose follows wait does not hold up room its settled removals
+    /// freed), the rest when it settles or, at shutdown, when its last item
+    /// is dropped unsettled.
+    permits: AtomicU32,
 }
 
 impl Drop for Tracker {
     fn drop(&mut self) {
         if self.receipt.get_mut().is_some() {
-            self.pending.permits.add_permits(self.permits as usize);
+            let held = *self.permits.get_mut();
+            self.pending.permits.add_permits(held as usize);
         }
     }
 }
@@ -90,7 +94,7 @@ impl Origin {
             receipt: Mutex::new(Some(receipt)),
             pending,
             remaining: AtomicU32::new(u32::try_from(actions).unwrap_or(u32::MAX)),
-            permits,
+            permits: AtomicU32::new(permits),
         }));
         if actions == 0 {
             origin.finish();
@@ -103,9 +107,21 @@ impl Origin {
         &self.0.kind
     }
 
-    /// One action of this event settled.
+    /// One action of this event settled: its permit goes back at once
+    /// (while the event holds more permits than it has actions left).
     pub fn settle_one(&self) {
-        if self.0.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let before = self.0.remaining.fetch_sub(1, Ordering::AcqRel);
+        let left = before.saturating_sub(1);
+        let t = &self.0;
+        if let Ok(held) = t
+            .permits
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |h| {
+                (h > left).then_some(left)
+            })
+        {
+            t.pending.permits.add_permits((held - left) as usize);
+        }
+        if before == 1 {
             self.finish();
         }
     }
@@ -127,7 +143,8 @@ impl Origin {
         tracing::debug!(kind = %t.kind, seconds, "event settled");
         let receipt = t.receipt.lock().take();
         if let Some(r) = receipt {
-            t.pending.permits.add_permits(t.permits as usize);
+            let held = t.permits.swap(0, Ordering::AcqRel);
+            t.pending.permits.add_permits(held as usize);
             r.settled();
         }
     }
@@ -222,5 +239,51 @@ mod tests {
             serde_json::Value::Null,
             "filled by the inbox"
         );
+    }
+
+    #[test]
+    fn each_settled_action_gives_its_permit_back() {
+        let pending = Pending::new(10, Metrics::new([]));
+        pending.permits.try_acquire_many(3).unwrap().forget();
+        let seen = Arc::new(Seen::default());
+        let o = Origin::new(
+            Arc::from("user.banned"),
+            3,
+            Instant::now(),
+            pending.clone(),
+            3,
+            Box::new(TestReceipt(seen.clone())),
+        );
+        assert_eq!(pending.permits.available_permits(), 7);
+        o.settle_one();
+        assert_eq!(pending.permits.available_permits(), 8, "one back");
+        o.settle_one();
+        assert_eq!(pending.permits.available_permits(), 9);
+        assert!(!seen.settled.load(Ordering::SeqCst));
+        o.settle_one();
+        assert_eq!(pending.permits.available_permits(), 10);
+        assert!(seen.settled.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn an_event_larger_than_the_bound_gives_permits_back_once_below_it() {
+        let pending = Pending::new(2, Metrics::new([]));
+        pending.permits.try_acquire_many(2).unwrap().forget();
+        let seen = Arc::new(Seen::default());
+        let o = Origin::new(
+            Arc::from("user.banned"),
+            4,
+            Instant::now(),
+            pending.clone(),
+            2,
+            Box::new(TestReceipt(seen.clone())),
+        );
+        o.settle_one();
+        o.settle_one();
+        assert_eq!(pending.permits.available_permits(), 0, "two actions left");
+        o.settle_one();
+        assert_eq!(pending.permits.available_permits(), 1);
+        o.settle_one();
+        assert_eq!(pending.permits.available_permits(), 2);
     }
 }
