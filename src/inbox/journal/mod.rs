@@ -516,8 +516,11 @@ impl Journal {
     /// Stops the writer as a kill -9 would: nothing more is written, the
     /// files stay as they are (tests).
     #[cfg(test)]
-    fn abandon(&self) {
-        let _ = self.inner.tx.send(Cmd::Abandon);
+    async fn abandon(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.inner.tx.send(Cmd::Abandon(reply)).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Resolves when new records became durable (or at once if some did

@@ -117,8 +117,6 @@ impl Journal {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[tokio::test]
@@ -138,8 +136,8 @@ mod tests {
             assert_eq!((a, b), (1, 2));
             j.sweep_save(a, b"done-1".to_vec(), true).await.unwrap();
             j.sweep_forget(vec![b]).await.unwrap();
+            j.shutdown().await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(j.sweeps().await.unwrap(), [(1, b"done-1".to_vec(), None)]);
         // Forgotten or not, an id is never handed out again.

@@ -288,8 +288,7 @@ async fn without_a_shutdown_settles_of_the_last_second_at_most_are_replayed() {
         settled_before = 50;
         // Stopped without a shutdown, as a kill -9 leaves it: the last ten
         // settles were not checkpointed yet.
-        j.abandon();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        j.abandon().await;
     }
     let j = open_small(dir.path());
     let left = live(&j).await.len();

@@ -61,7 +61,7 @@ pub(super) enum Cmd {
     /// Stops at once, writing nothing more: the files as a kill -9 leaves
     /// them (tests).
     #[cfg(test)]
-    Abandon,
+    Abandon(oneshot::Sender<()>),
 }
 
 /// Most commands taken into one cycle.
@@ -340,9 +340,10 @@ impl Writer {
                 Cmd::Sync(reply) => syncs.push(reply),
                 Cmd::Shutdown(reply) => shutdown = Some(reply),
                 #[cfg(test)]
-                Cmd::Abandon => {
+                Cmd::Abandon(reply) => {
                     self.shared.state.shutdown();
                     self.stopped = true;
+                    let _ = reply.send(());
                     return;
                 }
             }
@@ -392,6 +393,8 @@ impl Writer {
             self.probe();
         }
         let durable = !self.ckpt_dirty && self.held_dead.is_empty() && !self.failed_now;
+        // Whoever a sync answers reads the count next.
+        self.publish_pending();
         for s in syncs {
             let _ = s.send(if durable { Ok(()) } else { Err(self.refusal()) });
         }
@@ -774,6 +777,7 @@ impl Writer {
             Ok(()) => {
                 self.ckpt_dirty = false;
                 self.unsynced_settled = 0;
+                self.publish_pending();
                 self.last_ckpt = Instant::now();
                 true
             }
