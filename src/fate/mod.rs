@@ -10,6 +10,7 @@
 //! own writer and never waits on the disk, so the clean-up is never slowed
 //! by it: a store that cannot keep up drops records and counts them.
 
+pub mod callbacks;
 pub mod disk;
 pub mod record;
 
