@@ -31,8 +31,8 @@ use crate::domain::clock::unix_now;
 use crate::domain::DeadLetter;
 pub use crate::storage_faults::StorageFaults;
 
-/// Also the event records' index (`crate::fate`): its fingerprints and
-/// bloom filter.
+/// Also the event records' index (the `fate` module's store): its
+/// fingerprints and bloom filter.
 pub(crate) mod dedupe;
 mod log;
 mod settled;
