@@ -702,15 +702,15 @@ impl Settings {
                     "callbacks need embedded mode for now (records are not kept in broker mode yet): leave it empty when amqp.url is set",
                 );
             }
-        }
-        if !(Duration::from_secs(1)..=r.retention).contains(&c.max_age) {
-            return bad(
-                "callbacks.max_age",
-                "must be at least 1s and at most records.retention (a record must outlive its callback)",
-            );
-        }
-        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&c.max_backoff) {
-            return bad("callbacks.max_backoff", "must be between 100ms and 1h");
+            if !(Duration::from_secs(1)..=r.retention).contains(&c.max_age) {
+                return bad(
+                    "callbacks.max_age",
+                    "must be at least 1s and at most records.retention (a record must outlive its callback)",
+                );
+            }
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&c.max_backoff) {
+                return bad("callbacks.max_backoff", "must be between 100ms and 1h");
+            }
         }
 
         for (c, tier) in &self.channels.required_tier {
@@ -848,6 +848,14 @@ mod tests {
         let e = with("[callbacks]\nurl = \"ftp://x\"").unwrap_err();
         assert_eq!(e.key, "callbacks.url");
         let e = with(&format!("[callbacks]\n{on}\nmax_age = \"8d\"")).unwrap_err();
+        assert_eq!(e.key, "callbacks.max_age");
+        // Off, callbacks.max_age does not bind a short retention.
+        let s = with("[records]\nretention = \"12h\"").unwrap();
+        assert_eq!(s.records.retention, Duration::from_secs(12 * 3600));
+        let e = with(&format!(
+            "[records]\nretention = \"12h\"\n[callbacks]\n{on}"
+        ))
+        .unwrap_err();
         assert_eq!(e.key, "callbacks.max_age");
         let e = with("[records]\nretention = \"a week\"").unwrap_err();
         assert_eq!(e.key, "records.retention");
