@@ -1,6 +1,7 @@
 //! Builds the whole service from settings and runs it until a shutdown
 //! signal, then drains it in order: stop intake, flush batches, finish the
-//! calls in flight, settle (ack), and close the journal or the broker link.
+//! calls in flight, settle (ack), write the event records, and close the
+//! journal or the broker link.
 
 use std::future::Future;
 use std::net::TcpListener;
