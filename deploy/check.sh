@@ -150,7 +150,7 @@ for m in events_received_total events_rejected_total upstream_requests_total \
          pending_items open_batches circuit_open event_settle_seconds_bucket \
          dead_letters_total journal_events journal_write_errors_total \
          journal_file_bytes journal_filesystem_free_bytes dispatch_active \
-         broker_connected; do
+         broker_connected callbacks_lost_total callback_oldest_pending_seconds; do
   grep -q "^chat_janitor_${m}[{ ]" "$tmp/metrics.txt" \
     || { echo "missing from /metrics: chat_janitor_${m}" >&2; exit 1; }
 done

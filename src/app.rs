@@ -1,6 +1,7 @@
 //! Builds the whole service from settings and runs it until a shutdown
 //! signal, then drains it in order: stop intake, flush batches, finish the
-//! calls in flight, settle (ack), and close the journal or the broker link.
+//! calls in flight, settle (ack), write the event records, and close the
+//! journal or the broker link.
 
 use std::future::Future;
 use std::net::TcpListener;
@@ -15,14 +16,18 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::dispatch::Active;
 use crate::domain::clock::unix_now;
+use crate::domain::DeadLetterSink;
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
+use crate::fate::callbacks::{CallbackOptions, Callbacks};
+use crate::fate::disk::{DiskStore, StoreOptions};
+use crate::fate::{FateStore, NothingInFlight};
 use crate::inbox::broker::BrokerLink;
 use crate::inbox::consumer::BrokerInbox;
 use crate::inbox::journal::{Journal, DEDUPE_WINDOW_SECS};
 use crate::inbox::lease::{LeaderLease, LeaseHandle};
 use crate::inbox::sweep_log::SweepLog;
 use crate::inbox::Inbox;
-use crate::ingest::http::{self, HttpState};
+use crate::ingest::http::{self, HttpState, NoRecords};
 use crate::ingest::signature::Verifier;
 use crate::intake;
 use crate::pipeline::{Pipeline, PipelineHandles};
@@ -48,6 +53,9 @@ pub struct Application {
     intake_stop: CancellationToken,
     intake_task: tokio::task::JoinHandle<()>,
     sweeps: Arc<Sweeps>,
+    /// Embedded mode's event records, and their callbacks if configured.
+    fate: Result<Arc<dyn FateStore>, NoRecords>,
+    callbacks: Option<Callbacks>,
     metrics: Metrics,
     emulator: Option<RunningEmulator>,
 }
@@ -120,6 +128,10 @@ impl Application {
             store = SweepStore::Journal(journal.clone());
             (Arc::new(journal.clone()), Some(journal))
         };
+        let (fate, callbacks) = match &journal {
+            Some(j) => open_records(&settings, j, &metrics).await,
+            None => (Err(NoRecords::BrokerMode), None),
+        };
         let (pipeline, handles) = Pipeline::start(
             &settings.batching,
             &settings.dispatch,
@@ -158,6 +170,11 @@ impl Application {
             body_limit: settings.server.body_limit_bytes,
             admin_token: settings.admin.token.clone(),
             sweeps: sweeps.clone(),
+            fate: fate.clone(),
+            // The pipeline does not report per-event outcomes yet: a pending
+            // event is not known until its record is written.
+            in_flight: Arc::new(NothingInFlight),
+            read_token: settings.records.read_token.clone(),
         });
         spawn_subscriber_counts(
             upstream,
@@ -197,6 +214,8 @@ impl Application {
             intake_stop,
             intake_task,
             sweeps,
+            fate,
+            callbacks,
             metrics,
             emulator,
         })
@@ -214,6 +233,12 @@ impl Application {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The event record store, in embedded mode (tests put records through
+    /// it until the pipeline does).
+    pub fn fate(&self) -> Option<Arc<dyn FateStore>> {
+        self.fate.as_ref().ok().cloned()
     }
 
     /// The embedded emulator's URL, in demo mode.
@@ -236,6 +261,14 @@ impl Application {
         self.intake_stop.cancel();
         let _ = self.intake_task.await;
         self.handles.drain(SHUTDOWN_GRACE).await;
+        // Records are written before the inbox makes the last settles
+        // durable, so a settled event's record is never the one missing.
+        if let Some(c) = self.callbacks {
+            c.stop().await;
+        }
+        if let Ok(store) = &self.fate {
+            store.close().await;
+        }
         self.inbox.close().await;
         // Only now may another replica dispatch: nothing of ours is left.
         if let Some(lease) = self.lease {
@@ -247,6 +280,59 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Opens embedded mode's record store under `journal.path/records/`, and
+/// starts the callbacks if `[callbacks] url` is set. A store that cannot be
+/// opened leaves the service running without records: they are an account
+/// of the clean-up, never a reason to stop it.
+async fn open_records(
+    settings: &Settings,
+    journal: &Journal,
+    metrics: &Metrics,
+) -> (Result<Arc<dyn FateStore>, NoRecords>, Option<Callbacks>) {
+    let dir = settings.journal.path.join("records");
+    let opts = StoreOptions {
+        retention: settings.records.retention,
+        max_bytes: settings.records.max_bytes,
+    };
+    let store: Arc<dyn FateStore> = match DiskStore::open(&dir, opts, metrics.clone()) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the event record store; running without records");
+            return (Err(NoRecords::Unavailable(e.to_string())), None);
+        }
+    };
+    let c = &settings.callbacks;
+    let callbacks = match (&c.secret, c.enabled()) {
+        (Some(key), true) => {
+            let sink: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
+            let opts = CallbackOptions {
+                url: c.url.clone(),
+                key: key.clone(),
+                max_age: c.max_age,
+                max_backoff: c.max_backoff,
+            };
+            match Callbacks::start(store.clone(), sink, opts, metrics.clone()).await {
+                Ok(cb) => Some(cb),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the completion callbacks");
+                    None
+                }
+            }
+        }
+        _ => {
+            // Turned off: when they are turned on again they start with the
+            // records written from then on, not with a backlog to expire.
+            if store.cursor().is_some() {
+                if let Err(e) = store.save_cursor(None).await {
+                    tracing::warn!(error = %e, "cannot forget the callbacks' cursor");
+                }
+            }
+            None
+        }
+    };
+    (Ok(store), callbacks)
 }
 
 fn spawn_id_pruning(journal: Journal, stop: CancellationToken) {

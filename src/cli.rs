@@ -1,5 +1,6 @@
-//! The command line: `serve`, `emulator`, `send`, `usersig`, `sweep`. Each command
-//! returns an exit code: 0 ok, 2 bad arguments or configuration, 1 otherwise.
+//! The command line: `serve`, `emulator`, `send`, `usersig`, `sweep`,
+//! `status`. Each command returns an exit code: 0 ok, 2 bad arguments or
+//! configuration, 1 otherwise.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -125,6 +126,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print what became of one event (its record, from a running service):
+    /// each action's api, target, accounts, result, call time and the
+    /// vendor's code.
+    Status {
+        /// The event's webhook-id (or AMQP message_id).
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The running service.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The service's [admin] token, or its [records] read_token.
+        #[arg(long, env = "CHAT_JANITOR__ADMIN__TOKEN", hide_env_values = true)]
+        token: String,
+        /// Print the record as the service answers it (JSON) instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a UserSig (version 2).
     Usersig {
         /// The application's SDKAppID.
@@ -241,6 +259,12 @@ pub fn run(cli: Cli) -> ExitCode {
             };
             block_on(sweep(url, token, channel, deny_list, dry_run, json))
         }
+        Command::Status {
+            id,
+            url,
+            token,
+            json,
+        } => block_on(status(url, token, id, json)),
         Command::Serve { config } => match config::load(config.as_deref()) {
             Err(e) => config_error(&e),
             Ok((settings, source)) => {
@@ -494,6 +518,154 @@ pub fn sweep_report(s: &serde_json::Value) -> String {
     out
 }
 
+async fn status(url: String, token: String, id: String, json: bool) -> anyhow::Result<()> {
+    let mut u = reqwest::Url::parse(url.trim_end_matches('/'))
+        .map_err(|e| anyhow::anyhow!("--url {url}: {e}"))?;
+    u.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("--url {url}: not a base URL"))?
+        .extend(["v1", "events", id.as_str()]);
+    let resp = reqwest::Client::new()
+        .get(u)
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    let code = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    if !code.is_success() {
+        let detail = body["detail"].as_str().unwrap_or("");
+        if code == reqwest::StatusCode::NOT_FOUND && body["title"] == "No such event" {
+            anyhow::bail!("no record of event {id}: {detail}");
+        }
+        anyhow::bail!("the service answered {code}: {detail}");
+    }
+    if json {
+        println!("{body}");
+    } else {
+        print!("{}", status_report(&body));
+    }
+    Ok(())
+}
+
+/// An event's record (`GET /v1/events/{id}`) for a terminal.
+pub fn status_report(r: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "event {}: {} from {}, user {}",
+        s(&r["id"]),
+        s(&r["type"]),
+        s(&r["source"]),
+        s(&r["user_id"])
+    );
+    let _ = writeln!(out, "  accepted  {}", s(&r["accepted_at"]));
+    let status = s(&r["status"]);
+    match status.as_str() {
+        "pending" => {
+            let _ = writeln!(
+                out,
+                "  pending   waiting for {}",
+                r["waiting_for"].as_str().unwrap_or("its actions")
+            );
+        }
+        "dead_lettered" => {
+            let _ = writeln!(
+                out,
+                "  settled   {}: some actions were given up (dead-lettered)",
+                s(&r["settled_at"])
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "  settled   {}: every action applied or already done",
+                s(&r["settled_at"])
+            );
+        }
+    }
+    let actions = r["actions"].as_array().cloned().unwrap_or_default();
+    if actions.is_empty() {
+        let _ = writeln!(out, "  no actions");
+    }
+    for a in &actions {
+        let c = &a["counts"];
+        let parts: Vec<String> = [
+            ("applied", "applied"),
+            ("noop", "noop"),
+            ("dead_lettered", "dead-lettered"),
+            ("pending", "pending"),
+        ]
+        .iter()
+        .filter(|(k, _)| n(&c[*k]) > 0)
+        .map(|(k, label)| format!("{} {label}", n(&c[*k])))
+        .collect();
+        let _ = writeln!(
+            out,
+            "  {} {}: {} ({})",
+            s(&a["api"]),
+            s(&a["target"]),
+            s(&a["result"]),
+            parts.join(", ")
+        );
+        let listed: Vec<String> = a["accounts"]
+            .as_array()
+            .map(|v| v.iter().map(s).collect())
+            .unwrap_or_default();
+        let total = n(&a["accounts_total"]);
+        if total > 0 {
+            const SHOWN: usize = 10;
+            let more = if total as usize > SHOWN.min(listed.len()) {
+                format!(" and {} more", total - SHOWN.min(listed.len()) as u64)
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                out,
+                "      accounts: {}{more}",
+                listed
+                    .iter()
+                    .take(SHOWN)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let call = &a["last_call"];
+        if !call.is_null() {
+            let _ = writeln!(
+                out,
+                "      last call {}, ErrorCode {}{}, {} attempt{}",
+                s(&call["at"]),
+                call["error_code"],
+                call["error_info"]
+                    .as_str()
+                    .map(|i| format!(" ({i})"))
+                    .unwrap_or_default(),
+                n(&call["attempts"]),
+                if n(&call["attempts"]) == 1 { "" } else { "s" }
+            );
+        }
+        for d in a["dead_lettered"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "      dead-lettered {}: {}, ErrorCode {}{}, at {}, {} attempts",
+                s(&d["account"]),
+                s(&d["reason"]),
+                d["error_code"],
+                d["error_info"]
+                    .as_str()
+                    .map(|i| format!(" ({i})"))
+                    .unwrap_or_default(),
+                s(&d["at"]),
+                n(&d["attempts"])
+            );
+        }
+    }
+    out
+}
+
 fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -561,6 +733,64 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_status_report_reads_on_a_terminal() {
+        let r = serde_json::json!({
+            "id": "msg_1", "source": "webhook", "type": "user.banned", "user_id": "107867",
+            "accepted_at": "2026-11-21T10:00:00.120Z", "status": "dead_lettered",
+            "settled_at": "2026-11-21T10:00:00.410Z", "waiting_for": null,
+            "actions": [
+                {"api": "delete_subscriber", "target": "@TOA#_news", "accounts": ["107867"],
+                 "accounts_total": 1, "result": "applied",
+                 "counts": {"applied": 1, "noop": 0, "dead_lettered": 0, "pending": 0},
+                 "last_call": {"at": "2026-11-21T10:00:00.400Z", "error_code": 0, "error_info": null, "attempts": 1},
+                 "dead_lettered": []},
+                {"api": "follow_delete", "target": "107867", "accounts": ["a", "b"],
+                 "accounts_total": 2, "result": "mixed",
+                 "counts": {"applied": 1, "noop": 0, "dead_lettered": 1, "pending": 0},
+                 "last_call": {"at": "2026-11-21T10:00:00.405Z", "error_code": 20001, "error_info": "bad To_Account", "attempts": 3},
+                 "dead_lettered": [{"account": "b", "reason": "bad_request", "error_code": 20001,
+                    "error_info": "bad To_Account", "at": "2026-11-21T10:00:00.405Z", "attempts": 3}]},
+                {"api": "destroy_official_account", "target": "@TOA#_mine", "accounts": [],
+                 "accounts_total": 0, "result": "noop",
+                 "counts": {"applied": 0, "noop": 1, "dead_lettered": 0, "pending": 0},
+                 "last_call": {"at": "2026-11-21T10:00:00.300Z", "error_code": 130004, "error_info": null, "attempts": 1},
+                 "dead_lettered": []}
+            ]
+        });
+        let text = status_report(&r);
+        let expected = "\
+event msg_1: user.banned from webhook, user 107867
+  accepted  2026-11-21T10:00:00.120Z
+  settled   2026-11-21T10:00:00.410Z: some actions were given up (dead-lettered)
+  delete_subscriber @TOA#_news: applied (1 applied)
+      accounts: 107867
+      last call 2026-11-21T10:00:00.400Z, ErrorCode 0, 1 attempt
+  follow_delete 107867: mixed (1 applied, 1 dead-lettered)
+      accounts: a, b
+      last call 2026-11-21T10:00:00.405Z, ErrorCode 20001 (bad To_Account), 3 attempts
+      dead-lettered b: bad_request, ErrorCode 20001 (bad To_Account), at 2026-11-21T10:00:00.405Z, 3 attempts
+  destroy_official_account @TOA#_mine: noop (1 noop)
+      last call 2026-11-21T10:00:00.300Z, ErrorCode 130004, 1 attempt
+";
+        assert_eq!(text, expected);
+        let many: Vec<String> = (0..1000).map(|i| format!("u{i}")).collect();
+        let pending = serde_json::json!({
+            "id": "e", "source": "amqp", "type": "t", "user_id": "u", "accepted_at": "x",
+            "status": "pending", "settled_at": null, "waiting_for": "limiter",
+            "actions": [{"api": "follow_delete", "target": "u", "accounts": many,
+                "accounts_total": 2500, "result": "pending",
+                "counts": {"applied": 0, "noop": 0, "dead_lettered": 0, "pending": 2500},
+                "last_call": null, "dead_lettered": []}]
+        });
+        let text = status_report(&pending);
+        assert!(text.contains("  pending   waiting for limiter\n"), "{text}");
+        assert!(
+            text.contains("      accounts: u0, u1, u2, u3, u4, u5, u6, u7, u8, u9 and 2490 more\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -66,6 +67,10 @@ pub struct Settings {
     pub dispatch: DispatchSettings,
     #[serde(default)]
     pub admin: AdminSettings,
+    #[serde(default)]
+    pub records: RecordSettings,
+    #[serde(default)]
+    pub callbacks: CallbackSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -121,6 +126,67 @@ impl Default for AdminSettings {
     fn default() -> Self {
         AdminSettings {
             token: SecretString::from(""),
+        }
+    }
+}
+
+/// Each event's record (`GET /v1/events/...`): how long and how much is
+/// kept, and who may read it besides the admin token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordSettings {
+    /// How long a record is kept after its event settled.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+    /// The records' total size on disk; the oldest go first beyond it.
+    pub max_bytes: u64,
+    /// A second bearer token that may only read records. Empty: none.
+    #[serde(deserialize_with = "lenient_secret")]
+    pub read_token: SecretString,
+}
+
+impl Default for RecordSettings {
+    fn default() -> Self {
+        RecordSettings {
+            retention: Duration::from_secs(7 * 86_400),
+            max_bytes: 1 << 30,
+            read_token: SecretString::from(""),
+        }
+    }
+}
+
+/// Signed completion callbacks: each record POSTed to the app as a
+/// Standard Webhooks message.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackSettings {
+    /// The app's receiver. Empty: no callbacks.
+    pub url: String,
+    /// The `whsec_` secret callbacks are signed with (decoded).
+    #[serde(deserialize_with = "optional_webhook_key")]
+    pub secret: Option<WebhookKey>,
+    /// How long a callback is retried before it is dead-lettered
+    /// (`callback_expired`), counted from when its event settled.
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    /// Longest wait between two attempts of one callback.
+    #[serde(deserialize_with = "duration")]
+    pub max_backoff: Duration,
+}
+
+impl CallbackSettings {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+}
+
+impl Default for CallbackSettings {
+    fn default() -> Self {
+        CallbackSettings {
+            url: String::new(),
+            secret: None,
+            max_age: Duration::from_secs(86_400),
+            max_backoff: Duration::from_secs(60),
         }
     }
 }
@@ -408,6 +474,29 @@ fn webhook_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<WebhookKey>, D::E
     parsed_list(d, WebhookKey::decode)
 }
 
+/// An empty string, or a `whsec_` secret decoded (its problem, never its
+/// value, in the error).
+fn optional_webhook_key<'de, D: Deserializer<'de>>(d: D) -> Result<Option<WebhookKey>, D::Error> {
+    let s = lenient_secret(d)?;
+    let s = s.expose_secret().trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    WebhookKey::decode(s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// A duration written for people: "7d", "24h", "90s", "1h 30m".
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "must be a duration such as \"7d\", \"24h\" or \"90s\" ({e})"
+        ))
+    })
+}
+
 fn channel_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ChannelId>, D::Error> {
     parsed_list(d, |s| ChannelId::parse(s))
 }
@@ -588,6 +677,42 @@ impl Settings {
             return bad("batching.max_batch_items", "must be between 1 and 100");
         }
 
+        let r = &self.records;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3650 * 86_400)).contains(&r.retention) {
+            return bad("records.retention", "must be between 1s and 3650d");
+        }
+        if r.max_bytes < 1 << 20 {
+            return bad("records.max_bytes", "must be at least 1048576 (1 MiB)");
+        }
+        let c = &self.callbacks;
+        if c.enabled() {
+            match reqwest::Url::parse(&c.url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return bad("callbacks.url", "must be empty or an http(s) URL"),
+            }
+            if c.secret.is_none() {
+                return bad(
+                    "callbacks.secret",
+                    "a whsec_ secret is required when callbacks.url is set",
+                );
+            }
+            if self.amqp.enabled() {
+                return bad(
+                    "callbacks.url",
+                    "callbacks need embedded mode for now (records are not kept in broker mode yet): leave it empty when amqp.url is set",
+                );
+            }
+            if !(Duration::from_secs(1)..=r.retention).contains(&c.max_age) {
+                return bad(
+                    "callbacks.max_age",
+                    "must be at least 1s and at most records.retention (a record must outlive its callback)",
+                );
+            }
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&c.max_backoff) {
+                return bad("callbacks.max_backoff", "must be between 100ms and 1h");
+            }
+        }
+
         for (c, tier) in &self.channels.required_tier {
             let key = format!("channels.required_tier.\"{c}\"");
             if !self.channels.managed.contains(c) {
@@ -696,6 +821,51 @@ mod tests {
         assert_eq!(e.key, "journal.flavour", "{e}");
         let e = from_toml("[webhook]\nsecrets=[]\n").unwrap_err();
         assert_eq!(e.key, "tencent", "{e}");
+    }
+
+    #[test]
+    fn records_and_callbacks_are_validated_naming_the_key() {
+        let s = from_toml(EMBEDDED_DEFAULTS).unwrap();
+        assert_eq!(s.records.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(s.records.max_bytes, 1 << 30);
+        assert!(!s.callbacks.enabled());
+        assert_eq!(s.callbacks.max_age, Duration::from_secs(86_400));
+        let with = |extra: &str| {
+            from_toml(&format!(
+                "[webhook]\nsecrets = [\"whsec_Y2hhdC1qYW5pdG9yLWRlbW8tc2VjcmV0LWtleQ==\"]\n\
+                 [tencent]\nsdkappid = 1400000001\nsecret_key = \"k\"\n{extra}"
+            ))
+        };
+        let on = "url = \"http://127.0.0.1:9/hook\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"";
+        let s = with(&format!("[callbacks]\n{on}\nmax_age = \"2h\"")).unwrap();
+        assert!(s.callbacks.enabled() && s.callbacks.secret.is_some());
+        assert_eq!(s.callbacks.max_age, Duration::from_secs(7200));
+        let e = with("[callbacks]\nurl = \"http://x/hook\"").unwrap_err();
+        assert_eq!(e.key, "callbacks.secret");
+        let e = with("[callbacks]\nurl = \"http://x/hook\"\nsecret = \"whsec_!!\"").unwrap_err();
+        assert_eq!(e.key, "callbacks.secret");
+        assert!(!e.to_string().contains("!!"), "{e}");
+        let e = with("[callbacks]\nurl = \"ftp://x\"").unwrap_err();
+        assert_eq!(e.key, "callbacks.url");
+        let e = with(&format!("[callbacks]\n{on}\nmax_age = \"8d\"")).unwrap_err();
+        assert_eq!(e.key, "callbacks.max_age");
+        // Off, callbacks.max_age does not bind a short retention.
+        let s = with("[records]\nretention = \"12h\"").unwrap();
+        assert_eq!(s.records.retention, Duration::from_secs(12 * 3600));
+        let e = with(&format!(
+            "[records]\nretention = \"12h\"\n[callbacks]\n{on}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "callbacks.max_age");
+        let e = with("[records]\nretention = \"a week\"").unwrap_err();
+        assert_eq!(e.key, "records.retention");
+        let e = with("[records]\nmax_bytes = 1000").unwrap_err();
+        assert_eq!(e.key, "records.max_bytes");
+        let e = with(&format!(
+            "[amqp]\nurl = \"amqp://127.0.0.1\"\n[callbacks]\n{on}"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "callbacks.url");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod emulator;
 pub mod event;
+pub mod fate;
 pub mod inbox;
 pub mod ingest;
 pub mod intake;

@@ -12,7 +12,9 @@ use prometheus::{
 };
 use tracing_subscriber::EnvFilter;
 
-use crate::domain::{Api, DeadLetterReason, ItemResult, RejectReason, Source};
+use crate::domain::{
+    Api, CallbackResult, DeadLetterReason, ItemResult, RecordDrop, RejectReason, Source,
+};
 
 /// Installs the global subscriber once; later calls do nothing.
 pub fn init_tracing() {
@@ -62,6 +64,14 @@ pub struct Metrics {
     journal_write_errors: IntCounter,
     journal_file_bytes: IntGauge,
     journal_free_bytes: IntGauge,
+    records_written: IntCounter,
+    records_dropped: IntCounterVec,
+    records_write_errors: IntCounter,
+    records_file_bytes: IntGauge,
+    records_stored: IntGauge,
+    callback_deliveries: IntCounterVec,
+    callbacks_lost: IntCounter,
+    callback_oldest_pending: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -225,6 +235,51 @@ impl Metrics {
             "1 on the replica that consumes and dispatches (holds the dispatch lease, or runs embedded); 0 on standbys.",
         );
 
+        let records_written = register(
+            &r,
+            IntCounter::new(
+                "records_written_total",
+                "Event records written (durably) when their event settled.",
+            ),
+        );
+        let records_dropped = counter(
+            &r,
+            "records_dropped_total",
+            "Event records not kept: queue_full (the writer was behind), storage_error (writes kept failing), shutdown.",
+            &["reason"],
+        );
+        let records_write_errors = register(
+            &r,
+            IntCounter::new(
+                "records_write_errors_total",
+                "Event record writes that failed (no space, I/O errors, ...); the records are retried.",
+            ),
+        );
+        let records_file_bytes = gauge(
+            &r,
+            "records_file_bytes",
+            "Bytes the event record store's files take.",
+        );
+        let records_stored = gauge(&r, "records_stored", "Event records kept.");
+        let callback_deliveries = counter(
+            &r,
+            "callback_deliveries_total",
+            "Completion callback attempts: delivered (2xx), rejected (any other answer), unreachable (no answer).",
+            &["result"],
+        );
+        let callbacks_lost = register(
+            &r,
+            IntCounter::new(
+                "callbacks_lost_total",
+                "Completion callbacks never sent because records.max_bytes deleted their record first.",
+            ),
+        );
+        let callback_oldest_pending = gauge(
+            &r,
+            "callback_oldest_pending_seconds",
+            "Age of the oldest completion callback not yet delivered (0 when none waits).",
+        );
+
         let m = Metrics {
             registry: r,
             events_received,
@@ -246,6 +301,14 @@ impl Metrics {
             journal_write_errors,
             journal_file_bytes,
             journal_free_bytes,
+            records_written,
+            records_dropped,
+            records_write_errors,
+            records_file_bytes,
+            records_stored,
+            callback_deliveries,
+            callbacks_lost,
+            callback_oldest_pending,
         };
         let types: Vec<&str> = event_types.into_iter().collect();
         for source in Source::ALL {
@@ -270,6 +333,12 @@ impl Metrics {
         }
         for reason in DeadLetterReason::ALL {
             m.dead_letters.with_label_values(&[reason.as_str()]);
+        }
+        for reason in RecordDrop::ALL {
+            m.records_dropped.with_label_values(&[reason.as_str()]);
+        }
+        for result in CallbackResult::ALL {
+            m.callback_deliveries.with_label_values(&[result.as_str()]);
         }
         m
     }
@@ -379,5 +448,42 @@ impl Metrics {
     pub fn set_journal_events(&self, n: u64) {
         self.journal_events
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn records_written(&self, n: usize) {
+        self.records_written.inc_by(n as u64);
+    }
+
+    pub fn record_dropped(&self, reason: RecordDrop) {
+        self.records_dropped
+            .with_label_values(&[reason.as_str()])
+            .inc();
+    }
+
+    pub fn record_write_error(&self) {
+        self.records_write_errors.inc();
+    }
+
+    /// The record store's size, as read at scrape time.
+    pub fn set_records_storage(&self, file_bytes: u64, records: u64) {
+        self.records_file_bytes
+            .set(i64::try_from(file_bytes).unwrap_or(i64::MAX));
+        self.records_stored
+            .set(i64::try_from(records).unwrap_or(i64::MAX));
+    }
+
+    pub fn callback_delivery(&self, result: CallbackResult) {
+        self.callback_deliveries
+            .with_label_values(&[result.as_str()])
+            .inc();
+    }
+
+    pub fn callbacks_lost(&self, n: u64) {
+        self.callbacks_lost.inc_by(n);
+    }
+
+    pub fn set_callback_oldest_pending(&self, seconds: u64) {
+        self.callback_oldest_pending
+            .set(i64::try_from(seconds).unwrap_or(i64::MAX));
     }
 }

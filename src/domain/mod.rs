@@ -14,5 +14,5 @@ pub use action::Action;
 pub use api::Api;
 pub use dead_letter::{DeadLetter, DeadLetterSink, Settle};
 pub use ids::{ChannelId, IdError, UserId, CHANNEL_PREFIX};
-pub use outcome::{DeadLetterReason, ItemResult, RejectReason, Source};
+pub use outcome::{CallbackResult, DeadLetterReason, ItemResult, RecordDrop, RejectReason, Source};
 pub use webhook_key::WebhookKey;

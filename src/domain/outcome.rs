@@ -115,6 +115,35 @@ labels! {
         UnknownType => "unknown_type",
         /// Accepted, but no longer parses as an event.
         Malformed => "malformed",
+        /// A completion callback the app's receiver did not take (2xx)
+        /// within `callbacks.max_age`.
+        CallbackExpired => "callback_expired",
+    }
+}
+
+labels! {
+    /// Why an event's record was not kept (`reason` label of
+    /// `records_dropped_total`).
+    RecordDrop {
+        /// The store's writer was too far behind.
+        QueueFull => "queue_full",
+        /// Writes kept failing and too many records were held meanwhile.
+        StorageError => "storage_error",
+        /// Handed over after the store closed.
+        Shutdown => "shutdown",
+    }
+}
+
+labels! {
+    /// What one completion callback attempt got (`result` label of
+    /// `callback_deliveries_total`).
+    CallbackResult {
+        /// A 2xx answer.
+        Delivered => "delivered",
+        /// Any other answer; retried.
+        Rejected => "rejected",
+        /// No answer (connection refused, timeout, ...); retried.
+        Unreachable => "unreachable",
     }
 }
 

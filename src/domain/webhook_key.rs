@@ -1,9 +1,34 @@
 //! A Standard Webhooks signing key: `whsec_` followed by base64 of 24 to 64
 //! random bytes. Decoded once, where the secret is read (configuration or
-//! the command line); never printed.
+//! the command line); never printed. Also the scheme's signature itself,
+//! which the webhook edge verifies and the completion callbacks sign with.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// HMAC-SHA256.
+pub type HmacSha256 = Hmac<Sha256>;
+
+/// The MAC of a Standard Webhooks message: over `{id}.{timestamp}.{body}`.
+pub fn mac(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> HmacSha256 {
+    let mut m = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
+    m.update(id.as_bytes());
+    m.update(b".");
+    m.update(timestamp.as_bytes());
+    m.update(b".");
+    m.update(body);
+    m
+}
+
+/// The `webhook-signature` value for one key: `v1,<base64>`.
+pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
+    format!(
+        "v1,{}",
+        STANDARD.encode(mac(key, id, timestamp, body).finalize().into_bytes())
+    )
+}
 
 /// The decoded HMAC key of a `whsec_...` secret.
 #[derive(Clone, PartialEq, Eq)]

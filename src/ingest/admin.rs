@@ -1,6 +1,7 @@
 //! The admin routes, under one scope behind the bearer token (`[admin]
 //! token`; the routes answer 404 while it is empty): dead letters (list,
-//! replay) and sweeps (start, status).
+//! replay) and sweeps (start, status). The same guard, which also takes
+//! `[records] read_token`, stands before the record routes (`records`).
 
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -34,22 +35,61 @@ pub fn scope() -> Scope<
         .route("/sweeps/{id}", web::get().to(sweep_status))
 }
 
-/// Lets a request through only with the right bearer token (compared in
+/// Who a guarded route lets in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// The admin token (`[admin] token`).
+    Admin,
+    /// The admin token or the records' read token (`[records] read_token`).
+    Records,
+}
+
+/// Lets a request through only with the admin bearer token (compared in
 /// constant time).
 async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    guard(req, next, Access::Admin).await
+}
+
+/// The record routes' guard: the admin token, or the read token.
+pub(super) async fn require_reader(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    guard(req, next, Access::Records).await
+}
+
+async fn guard(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+    access: Access,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
     let denied = {
-        let want = req
+        let tokens: Vec<String> = req
             .app_data::<web::Data<HttpState>>()
-            .map(|s| s.admin_token.expose_secret().to_owned())
-            .unwrap_or_default();
-        if want.is_empty() {
+            .map(|s| {
+                let mut t = vec![s.admin_token.expose_secret().to_owned()];
+                if access == Access::Records {
+                    t.push(s.read_token.expose_secret().to_owned());
+                }
+                t
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect();
+        if tokens.is_empty() {
             Some(problem(
                 StatusCode::NOT_FOUND,
                 "Not found",
-                "admin routes are off ([admin] token is empty)",
+                match access {
+                    Access::Admin => "admin routes are off ([admin] token is empty)",
+                    Access::Records => {
+                        "record routes are off ([admin] token and [records] read_token are empty)"
+                    }
+                },
                 None,
             ))
         } else {
@@ -59,7 +99,12 @@ async fn require_token(
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("");
-            (!bool::from(given.as_bytes().ct_eq(want.as_bytes()))).then(|| {
+            // Every token is compared, so the time taken does not say which
+            // one came close.
+            let matched = tokens.iter().fold(false, |ok, want| {
+                ok | bool::from(given.as_bytes().ct_eq(want.as_bytes()))
+            });
+            (!matched).then(|| {
                 problem(
                     StatusCode::UNAUTHORIZED,
                     "Unauthorized",

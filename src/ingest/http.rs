@@ -1,11 +1,12 @@
 //! The public HTTP surface: `POST /v1/events` (Standard Webhooks),
 //! `/metrics`, `/healthz`, `/readyz`; the admin routes are mounted from
-//! `admin`.
+//! `admin`, the record routes (`GET /v1/events...`) from `records`.
 
 use std::sync::Arc;
 
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::StatusCode;
+use actix_web::middleware::from_fn;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use secrecy::SecretString;
@@ -16,6 +17,7 @@ use crate::dispatch::Circuit;
 use crate::domain::clock::unix_now;
 use crate::domain::{RejectReason, Source};
 use crate::event::{Event, ParseError};
+use crate::fate::{FateStore, InFlight};
 use crate::inbox::journal::JournalError;
 use crate::inbox::{Inbox, InboxError, Stored};
 use crate::rules::{RuleError, Rules};
@@ -32,24 +34,63 @@ pub struct HttpState {
     pub body_limit: usize,
     pub admin_token: SecretString,
     pub sweeps: Arc<Sweeps>,
+    /// Where settled events' records are, or why there is no store.
+    pub fate: Result<Arc<dyn FateStore>, NoRecords>,
+    /// Events the pipeline still works on.
+    pub in_flight: Arc<dyn InFlight>,
+    /// `[records] read_token`: may read records, nothing else.
+    pub read_token: SecretString,
+}
+
+/// Why the service keeps no event records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRecords {
+    /// Broker mode keeps none yet.
+    BrokerMode,
+    /// The store could not be opened (the clean-up runs without it).
+    Unavailable(String),
 }
 
 /// Mounts every route on an actix `App`.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/events", web::post().to(post_event))
-        .route("/metrics", web::get().to(metrics))
-        .route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .service(super::admin::scope());
+    cfg.service(
+        web::resource("/v1/events")
+            .route(web::post().to(post_event))
+            .route(
+                web::get()
+                    .to(super::records::by_user)
+                    .wrap(from_fn(super::admin::require_reader)),
+            ),
+    )
+    .route(
+        "/v1/events/{id}",
+        web::get()
+            .to(super::records::by_id)
+            .wrap(from_fn(super::admin::require_reader)),
+    )
+    .route("/metrics", web::get().to(metrics))
+    .route("/healthz", web::get().to(healthz))
+    .route("/readyz", web::get().to(readyz))
+    .service(super::admin::scope());
 }
 
-/// An RFC 9457 problem document.
+/// An RFC 9457 problem document as an answer.
 pub(super) fn problem(
     status: StatusCode,
     title: &str,
     detail: &str,
     field: Option<&str>,
 ) -> HttpResponse {
+    problem_answer(status, &problem_body(status, title, detail, field))
+}
+
+/// An RFC 9457 problem document, for routes that add members to it.
+pub(super) fn problem_body(
+    status: StatusCode,
+    title: &str,
+    detail: &str,
+    field: Option<&str>,
+) -> serde_json::Value {
     let mut body = json!({
         "type": "about:blank",
         "title": title,
@@ -59,6 +100,10 @@ pub(super) fn problem(
     if let Some(f) = field {
         body["field"] = json!(f);
     }
+    body
+}
+
+pub(super) fn problem_answer(status: StatusCode, body: &serde_json::Value) -> HttpResponse {
     HttpResponse::build(status)
         .content_type("application/problem+json")
         .body(body.to_string())
@@ -270,6 +315,10 @@ async fn accept(
 
 async fn metrics(state: web::Data<HttpState>) -> HttpResponse {
     state.inbox.observe(&state.metrics);
+    if let Ok(store) = &state.fate {
+        let s = store.stats();
+        state.metrics.set_records_storage(s.bytes, s.records);
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

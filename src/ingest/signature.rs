@@ -1,15 +1,16 @@
 //! Standard Webhooks signatures: `v1,` + base64(HMAC-SHA256(key,
 //! "{id}.{timestamp}.{body}")), verified over the exact bytes received, in
-//! constant time, against every configured secret (rotation).
+//! constant time, against every configured secret (rotation). The MAC
+//! itself lives with the key (`domain::webhook_key`), where the completion
+//! callbacks sign with it too.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use hmac::Mac;
 
+use crate::domain::webhook_key::mac;
+pub use crate::domain::webhook_key::sign;
 use crate::domain::{RejectReason, WebhookKey};
-
-type HmacSha256 = Hmac<Sha256>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {
@@ -36,24 +37,6 @@ impl SignatureError {
             SignatureError::NoMatch => RejectReason::SignatureMismatch,
         }
     }
-}
-
-fn mac(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> HmacSha256 {
-    let mut m = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
-    m.update(id.as_bytes());
-    m.update(b".");
-    m.update(timestamp.as_bytes());
-    m.update(b".");
-    m.update(body);
-    m
-}
-
-/// The `webhook-signature` value for one key: `v1,<base64>`.
-pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
-    format!(
-        "v1,{}",
-        STANDARD.encode(mac(key, id, timestamp, body).finalize().into_bytes())
-    )
 }
 
 /// Verifies webhooks against a set of decoded secrets.

@@ -104,6 +104,8 @@ pub struct TestApp {
     pub http: reqwest::Client,
     /// The journal, in embedded mode.
     pub journal: Option<chat_janitor::inbox::journal::Journal>,
+    /// The event record store, in embedded mode.
+    pub fate: Option<std::sync::Arc<dyn chat_janitor::fate::FateStore>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -129,6 +131,7 @@ impl TestApp {
         let app = Application::build(settings).await.expect("app builds");
         let port = app.port();
         let journal = app.journal();
+        let fate = app.fate();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run_until_stopped(async move {
             let _ = rx.await;
@@ -137,6 +140,7 @@ impl TestApp {
             port,
             http: reqwest::Client::new(),
             journal,
+            fate,
             stop: Some(tx),
             task: Some(task),
         }

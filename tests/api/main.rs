@@ -8,6 +8,7 @@ mod broker_sweep;
 mod client;
 mod dead_log;
 mod emulator;
+mod fate;
 mod helpers;
 mod journal;
 mod lease;

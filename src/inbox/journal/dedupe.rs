@@ -124,8 +124,14 @@ impl Bloom {
         }
     }
 
-    fn from_words(words: Vec<u64>) -> Option<Bloom> {
+    /// A filter read back from its `words`; `None` if they cannot be one.
+    pub fn from_words(words: Vec<u64>) -> Option<Bloom> {
         (!words.is_empty() && words.len().is_multiple_of(BLOCK_WORDS)).then_some(Bloom { words })
+    }
+
+    /// Its bits, for storing it.
+    pub fn words(&self) -> &[u64] {
+        &self.words
     }
 
     fn block(&self, fp: Fp) -> usize {

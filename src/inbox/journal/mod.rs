@@ -31,7 +31,9 @@ use crate::domain::clock::unix_now;
 use crate::domain::DeadLetter;
 pub use crate::storage_faults::StorageFaults;
 
-mod dedupe;
+/// Also the event records' index (the `fate` module's store): its
+/// fingerprints and bloom filter.
+pub(crate) mod dedupe;
 mod log;
 mod settled;
 mod state;
