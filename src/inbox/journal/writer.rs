@@ -399,10 +399,7 @@ impl Writer {
             let _ = s.send(if durable { Ok(()) } else { Err(self.refusal()) });
         }
         if may_write && !self.failed_now {
-            self.backoff = BACKOFF_MIN;
-            if !self.files_removed {
-                self.shared.set_health(JournalHealth::Ok);
-            }
+            self.healthy();
         }
         self.delete_settled_segments();
         if self.last_maintenance.elapsed() >= MAINTENANCE_EVERY {
@@ -413,6 +410,14 @@ impl Writer {
             self.flush_memtable();
         }
         self.publish_pending();
+    }
+
+    /// Writes work (again).
+    fn healthy(&mut self) {
+        self.backoff = BACKOFF_MIN;
+        if !self.files_removed {
+            self.shared.set_health(JournalHealth::Ok);
+        }
     }
 
     /// The error appends and syncs get while the store cannot write.
@@ -680,6 +685,10 @@ impl Writer {
             Ok(base) => {
                 let seqs: Vec<u64> = fresh.iter().map(|(s, _, _)| *s).collect();
                 self.add_live(base, &seqs, self.buf.len());
+                // Said before the 202s: whoever got one may ask /readyz.
+                if !self.failed_now {
+                    self.healthy();
+                }
                 for (seq, _, reply) in fresh {
                     let _ = reply.send(Ok(Appended::New(seq)));
                 }
