@@ -20,7 +20,8 @@ use crate::domain::DeadLetterSink;
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
 use crate::fate::callbacks::{CallbackOptions, Callbacks};
 use crate::fate::disk::{DiskStore, StoreOptions};
-use crate::fate::{FateStore, NothingInFlight};
+use crate::fate::recorder::Recorder;
+use crate::fate::FateStore;
 use crate::inbox::broker::BrokerLink;
 use crate::inbox::consumer::BrokerInbox;
 use crate::inbox::journal::{Journal, DEDUPE_WINDOW_SECS};
@@ -139,6 +140,9 @@ impl Application {
             active.clone(),
             client,
             metrics.clone(),
+            fate.as_ref()
+                .ok()
+                .map(|store| Arc::new(Recorder::new(rules.clone(), store.clone()))),
         );
         let upstream = handles.upstream.clone();
         let sweeps = Sweeps::new(upstream.clone(), pipeline.clone(), store, inbox.clone());
@@ -171,9 +175,7 @@ impl Application {
             admin_token: settings.admin.token.clone(),
             sweeps: sweeps.clone(),
             fate: fate.clone(),
-            // The pipeline does not report per-event outcomes yet: a pending
-            // event is not known until its record is written.
-            in_flight: Arc::new(NothingInFlight),
+            in_flight: handles.records_in_flight(),
             read_token: settings.records.read_token.clone(),
         });
         spawn_subscriber_counts(

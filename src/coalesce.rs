@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::domain::Action;
 use crate::domain::{Api, ChannelId, ItemResult, UserId};
-use crate::settle::Origin;
+use crate::settle::{ItemFate, Origin};
 use crate::telemetry::Metrics;
 use crate::tencent::{FollowBatch, SubscriberBatch};
 
@@ -24,6 +24,8 @@ pub struct Item {
     pub origin: Origin,
     /// Calls this item was in that failed for it alone.
     pub attempts: u32,
+    /// Its place in its event's plan (for the event's record).
+    pub index: u32,
 }
 
 /// What a batch is for: one kind of action on one target. Each kind names
@@ -172,6 +174,13 @@ impl Items {
         match self {
             Items::One(_) => 1,
             Items::Many(v) => v.len(),
+        }
+    }
+
+    fn for_each(&self, f: impl FnMut(&Item)) {
+        match self {
+            Items::One(i) => std::iter::once(i).for_each(f),
+            Items::Many(v) => v.iter().for_each(f),
         }
     }
 
@@ -403,6 +412,23 @@ impl Batch {
             cap: self.cap,
         };
         Ok((self, other))
+    }
+
+    /// Tells each item's event what the item now waits for (its record
+    /// shows it while the event is pending).
+    pub fn mark(&self, w: crate::fate::WaitingFor) {
+        for (_, items) in self.members.as_slice() {
+            items.for_each(|i| i.origin.stage(w));
+        }
+        if let Some(whole) = &self.whole {
+            for i in whole
+                .items
+                .iter()
+                .chain(whole.riders.iter().map(|(_, i)| i))
+            {
+                i.origin.stage(w);
+            }
+        }
     }
 
     /// Every item in the batch, for settling or dead-lettering them all.
@@ -651,7 +677,7 @@ impl Coalescer {
         self.metrics.items(other.api(), ItemResult::Noop, n);
         self.metrics.pending_add(other.api(), -(n as i64));
         for i in items {
-            i.origin.settle_one();
+            i.origin.settle(i.index, ItemFate::noop(0, i.attempts));
         }
         if batch.is_empty() {
             self.open.remove(&other);
@@ -802,16 +828,18 @@ mod tests {
         /// One event with one action.
         async fn act(&mut self, action: Action) {
             let origin = Origin::new(
-                Arc::from("user.banned"),
+                "user.banned",
                 1,
                 std::time::Instant::now(),
                 self.pending.clone(),
                 0,
                 Box::new(Count(self.settled.clone())),
+                None,
             );
             let item = Item {
                 origin,
                 attempts: 0,
+                index: 0,
             };
             self.c.add(Input::Action(action, item)).await.unwrap();
         }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{Action, DeadLetter, DeadLetterReason, RejectReason};
 use crate::event::Event;
 use crate::inbox::{Content, Delivery, Inbox};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Identity, Pipeline};
 use crate::resolve::{PlanError, Planner};
 use crate::rules::RuleError;
 use crate::sweep::Sweeps;
@@ -29,6 +29,11 @@ const PLAN_AHEAD: usize = 32;
 struct Plan {
     kind: String,
     actions: Vec<Action>,
+    /// Whose event it is (for its record), if it says.
+    user_id: Option<String>,
+    /// The plan cannot be made again from the event (a replayed action, or
+    /// one that read upstream): its record needs it kept.
+    keep: bool,
 }
 
 /// Why an event has no actions.
@@ -90,12 +95,19 @@ pub async fn run(
         // The id and body stay with the inbox (the journal entry, or the
         // delivery its receipt holds): the pipeline keeps only the type.
         drop(delivery.content);
+        let kept = plan.keep.then(|| plan.actions.clone());
+        let identity = plan.user_id.as_deref().map(|user_id| Identity {
+            id: &delivery.id,
+            user_id,
+            keep_plan: kept,
+        });
         let submit = tracing::Instrument::instrument(
             pipeline.submit(
                 &plan.kind,
                 plan.actions,
                 delivery.accepted_at,
                 delivery.receipt,
+                identity,
             ),
             span,
         );
@@ -142,11 +154,15 @@ async fn plan(planner: &Planner, content: &Content) -> Result<Plan, Option<Unpla
         Content::Replay {
             event_type,
             action: Some(a),
-            ..
+            event,
         } => {
             return Ok(Plan {
                 kind: event_type.clone(),
                 actions: vec![a.clone()],
+                user_id: Event::parse(event)
+                    .ok()
+                    .map(|e| e.data.user_id.as_str().to_owned()),
+                keep: true,
             })
         }
         Content::Replay {
@@ -158,6 +174,8 @@ async fn plan(planner: &Planner, content: &Content) -> Result<Plan, Option<Unpla
             return Ok(Plan {
                 kind: String::new(),
                 actions: Vec::new(),
+                user_id: None,
+                keep: false,
             })
         }
     };
@@ -169,8 +187,14 @@ async fn plan(planner: &Planner, content: &Content) -> Result<Plan, Option<Unpla
         })
     })?;
     let kind = event.kind.clone();
+    let keep = planner.rules().rule(&kind).is_some_and(|r| r.resolve);
     match planner.plan(event).await {
-        Ok((_, actions)) => Ok(Plan { kind, actions }),
+        Ok((event, actions)) => Ok(Plan {
+            kind,
+            actions,
+            user_id: Some(event.data.user_id.as_str().to_owned()),
+            keep,
+        }),
         Err(PlanError::Stopped) => Err(None),
         Err(e) => {
             let reason = match &e {

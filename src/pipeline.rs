@@ -2,11 +2,9 @@
 //! the in-memory bound (`max_pending_items`) that gives backpressure to
 //! whatever feeds it: the intake loop, and sweeps.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +14,9 @@ use crate::coalesce::{Backlog, Coalescer, Input, Item};
 use crate::config::{BatchingSettings, DispatchSettings};
 use crate::dispatch::{Active, Dispatcher, Upstream};
 use crate::domain::{Action, Settle};
+use crate::fate::recorder::Recorder;
+use crate::fate::{EventRecord, InFlight};
+pub use crate::settle::Identity;
 use crate::settle::{Origin, Pending};
 use crate::telemetry::Metrics;
 use crate::tencent::TencentClient;
@@ -32,29 +33,6 @@ pub struct Pipeline {
     input: mpsc::Sender<Input>,
     pending: Arc<Pending>,
     max_pending: usize,
-    kinds: Arc<Kinds>,
-}
-
-/// Event types, held once each: every pending event of a type shares its
-/// name. Types come from the rules (and stored dead letters), so they are
-/// few; past `MAX_KINDS` a name is simply not shared.
-#[derive(Default)]
-struct Kinds(Mutex<HashSet<Arc<str>>>);
-
-const MAX_KINDS: usize = 1024;
-
-impl Kinds {
-    fn intern(&self, kind: &str) -> Arc<str> {
-        let mut set = self.0.lock();
-        if let Some(k) = set.get(kind) {
-            return k.clone();
-        }
-        let k: Arc<str> = Arc::from(kind);
-        if set.len() < MAX_KINDS {
-            set.insert(k.clone());
-        }
-        k
-    }
 }
 
 /// What keeps running behind the pipeline, for shutdown and readiness.
@@ -69,7 +47,33 @@ pub struct PipelineHandles {
     max_pending: usize,
 }
 
+/// What the pipeline answers for events it holds, for the record routes.
+struct PipelineInFlight {
+    pending: Arc<Pending>,
+    upstream: Arc<Upstream>,
+}
+
+impl InFlight for PipelineInFlight {
+    fn pending(&self, id: &str) -> Option<EventRecord> {
+        let circuit = self.upstream.circuit().open_reason().is_some();
+        self.pending.in_flight(id, circuit)
+    }
+
+    fn pending_for_user(&self, user_id: &str, limit: usize) -> Vec<EventRecord> {
+        let circuit = self.upstream.circuit().open_reason().is_some();
+        self.pending.in_flight_for_user(user_id, limit, circuit)
+    }
+}
+
 impl PipelineHandles {
+    /// Events in flight, as the record routes see them.
+    pub fn records_in_flight(&self) -> Arc<dyn InFlight> {
+        Arc::new(PipelineInFlight {
+            pending: self.pending.clone(),
+            upstream: self.upstream.clone(),
+        })
+    }
+
     /// Items accepted and not yet settled.
     pub fn in_flight(&self) -> usize {
         self.max_pending - self.pending.permits.available_permits()
@@ -109,6 +113,7 @@ impl Pipeline {
         active: Active,
         client: Arc<TencentClient>,
         metrics: Metrics,
+        recorder: Option<Arc<Recorder>>,
     ) -> (Pipeline, PipelineHandles) {
         let hard_stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -141,13 +146,12 @@ impl Pipeline {
             hard_stop.clone(),
         );
         tasks.spawn(dispatcher.run(batch_rx, tasks.clone()));
-        let pending = Pending::new(d.max_pending_items, metrics);
+        let pending = Pending::with_records(d.max_pending_items, metrics, recorder);
         (
             Pipeline {
                 input: input_tx,
                 pending: pending.clone(),
                 max_pending: d.max_pending_items,
-                kinds: Arc::default(),
             },
             PipelineHandles {
                 upstream,
@@ -162,13 +166,15 @@ impl Pipeline {
     /// Puts the actions of an event of type `kind` to work; its `receipt`
     /// settles once all settled, and takes the dead letters of those that
     /// could not be applied. Waits while the pipeline holds
-    /// `max_pending_items` (backpressure).
+    /// `max_pending_items` (backpressure). `identity`: the event gets a
+    /// record (a sweep's removals do not).
     pub async fn submit(
         &self,
         kind: &str,
         actions: Vec<Action>,
         accepted_at: Instant,
         receipt: Box<dyn Settle>,
+        identity: Option<Identity<'_>>,
     ) -> Result<(), Closed> {
         let want = actions.len().clamp(1, self.max_pending) as u32;
         // Held by the event's tracker as a count, and given back when it
@@ -180,18 +186,20 @@ impl Pipeline {
             .map_err(|_| Closed)?
             .forget();
         let origin = Origin::new(
-            self.kinds.intern(kind),
+            kind,
             actions.len(),
             accepted_at.into_std(),
             self.pending.clone(),
             want,
             receipt,
+            identity,
         );
-        for action in actions {
+        for (index, action) in actions.into_iter().enumerate() {
             self.pending.metrics.pending_add(action.api(), 1);
             let item = Item {
                 origin: origin.clone(),
                 attempts: 0,
+                index: u32::try_from(index).unwrap_or(u32::MAX),
             };
             self.input
                 .send(Input::Action(action, item))

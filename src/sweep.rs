@@ -903,7 +903,7 @@ impl Sweeps {
             dead: self.dead.clone(),
         });
         tokio::select! {
-            r = pipeline.submit("sweep", actions, Instant::now(), receipt) => r.map_err(|_| Halt::Stopped)?,
+            r = pipeline.submit("sweep", actions, Instant::now(), receipt, None) => r.map_err(|_| Halt::Stopped)?,
             _ = self.stop.cancelled() => return Err(Halt::Stopped),
         }
         tokio::select! {

@@ -34,11 +34,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::coalesce::{Backlog, Batch, BatchKey, Input};
 use crate::domain::{Api, ItemResult};
+use crate::fate::WaitingFor;
 use crate::telemetry::Metrics;
 pub use active::{Active, HANDOVER_PAUSE};
 pub use circuit::Circuit;
 use retry::{Decision, Retries};
-use settle::Settler;
+use settle::{Call, Settler};
 use upstream::Admission;
 pub use upstream::{ReadError, Upstream};
 
@@ -106,6 +107,7 @@ enum Next {
 
 impl Queue {
     fn push_fresh(&mut self, b: Batch) {
+        b.mark(WaitingFor::Limiter);
         if self.fresh.len() == self.fresh.capacity() {
             // An eighth more, not double: a long backlog of small batches
             // would otherwise reserve up to as much again as it holds (the
@@ -276,7 +278,8 @@ impl Dispatcher {
         let err = match attempt.result {
             Ok(outcome) => {
                 self.upstream.succeeded(attempt.pass);
-                self.settler.outcome(batch, outcome);
+                self.settler
+                    .outcome(batch, outcome, retries.failed_calls() + 1);
                 return;
             }
             Err(e) => e,
@@ -297,6 +300,7 @@ impl Dispatcher {
                 self.metrics
                     .items(api, ItemResult::Retried, batch.item_count());
                 let at = Instant::now() + wait;
+                batch.mark(WaitingFor::RetryBackoff);
                 lane.push(|q| {
                     q.seq += 1;
                     let seq = q.seq;
@@ -308,10 +312,14 @@ impl Dispatcher {
                 });
             }
             Decision::GiveUp(reason) => {
-                self.settler
-                    .dead_letter_batch(batch, reason, &err.to_string());
+                let detail = err.to_string();
+                let call = Call::failed(&err, retries.failed_calls());
+                self.settler.dead_letter_batch(batch, reason, &detail, call);
             }
-            Decision::Moot => self.settler.all(batch, ItemResult::Noop),
+            Decision::Moot => {
+                let call = Call::failed(&err, retries.failed_calls());
+                self.settler.all(batch, ItemResult::Noop, call);
+            }
             Decision::Refused(reason) => match batch.split() {
                 Ok((a, b)) => {
                     tracing::info!(api = api.name(), code = %err.metric_code(), "batch refused as a whole; splitting to isolate the cause");
@@ -329,8 +337,10 @@ impl Dispatcher {
                     });
                 }
                 Err(single) => {
+                    let detail = err.to_string();
+                    let call = Call::failed(&err, retries.failed_calls());
                     self.settler
-                        .dead_letter_batch(single, reason, &err.to_string());
+                        .dead_letter_batch(single, reason, &detail, call);
                 }
             },
         }

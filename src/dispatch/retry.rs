@@ -35,10 +35,17 @@ pub enum Decision {
 #[derive(Debug, Default)]
 pub struct Retries {
     attempt: u32,
+    /// Failed calls of this batch, whatever the class.
+    failed: u32,
     failing_since: Option<Instant>,
 }
 
 impl Retries {
+    /// Calls of this batch that failed so far (its record's attempts).
+    pub fn failed_calls(&self) -> u32 {
+        self.failed
+    }
+
     /// Classifies a failed attempt that started at `started`.
     pub fn decide(
         &mut self,
@@ -47,6 +54,7 @@ impl Retries {
         settings: &DispatchSettings,
     ) -> Decision {
         let class = err.class();
+        self.failed += 1;
         match class {
             ErrorClass::Credentials => Decision::CredentialsRejected,
             ErrorClass::RateLimited => Decision::RateLimited,

@@ -76,6 +76,15 @@ pub trait DeadLetterSink: Send + Sync {
     fn record(&self, dl: DeadLetter);
 }
 
+/// An accepted event as the inbox that holds it has it: its id and its
+/// body as accepted (for its record; the pipeline keeps neither).
+#[derive(Debug, Clone)]
+pub struct HeldEvent {
+    pub id: String,
+    pub source: super::Source,
+    pub body: Vec<u8>,
+}
+
 /// How an accepted event is settled with the inbox it came from: the one
 /// handle the pipeline keeps per event while its actions are pending.
 pub trait Settle: Send + 'static {
@@ -89,4 +98,10 @@ pub trait Settle: Send + 'static {
     /// inbox, which holds the event; recorded before this receipt's
     /// `settled`.
     fn action_dead_lettered(&self, dl: DeadLetter);
+    /// The event, read back from where the inbox keeps it, for its record;
+    /// `None` where there is no event (a sweep's removals) or it cannot be
+    /// read.
+    fn event(&self) -> Option<HeldEvent> {
+        None
+    }
 }

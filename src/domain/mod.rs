@@ -12,7 +12,7 @@ pub mod webhook_key;
 
 pub use action::Action;
 pub use api::Api;
-pub use dead_letter::{DeadLetter, DeadLetterSink, Settle};
+pub use dead_letter::{DeadLetter, DeadLetterSink, HeldEvent, Settle};
 pub use ids::{ChannelId, IdError, UserId, CHANNEL_PREFIX};
 pub use outcome::{CallbackResult, DeadLetterReason, ItemResult, RecordDrop, RejectReason, Source};
 pub use webhook_key::WebhookKey;

@@ -13,6 +13,7 @@
 pub mod callbacks;
 pub mod disk;
 pub mod record;
+pub mod recorder;
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};

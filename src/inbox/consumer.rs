@@ -45,7 +45,7 @@ use super::dead_letters::{DeadLog, REPLAY_OF_HEADER};
 use super::sweep_log::SWEEP_COMMAND_HEADER;
 use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
 use crate::dispatch::Active;
-use crate::domain::{DeadLetter, DeadLetterSink, Source};
+use crate::domain::{DeadLetter, DeadLetterSink, HeldEvent, Source};
 use crate::telemetry::Metrics;
 
 /// Deliveries handed on ahead of the intake loop.
@@ -132,6 +132,14 @@ struct Receipt {
 }
 
 impl Settle for Receipt {
+    fn event(&self) -> Option<HeldEvent> {
+        Some(HeldEvent {
+            id: self.id.clone(),
+            source: Source::Amqp,
+            body: self.body.clone(),
+        })
+    }
+
     fn settled(self: Box<Self>) {
         let Receipt {
             id,

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::journal::{Appended, Entry as LogEntry, Journal, JournalHealth, Loc, LogReader, Record};
 use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
 use crate::domain::clock::instant_of;
-use crate::domain::{DeadLetter, DeadLetterSink, Source};
+use crate::domain::{DeadLetter, DeadLetterSink, HeldEvent, Source};
 use crate::telemetry::Metrics;
 
 /// Entries read from the journal at a time.
@@ -43,6 +43,15 @@ impl Settle for Entry {
         dl.event = serde_json::Value::Null;
         self.journal.dead_letter_for(self.at, dl);
         self.journal.settle(self.at.seq);
+    }
+
+    fn event(&self) -> Option<HeldEvent> {
+        let (id, body) = self.journal.read_event(self.at)?;
+        Some(HeldEvent {
+            id,
+            source: Source::Webhook,
+            body,
+        })
     }
 
     fn action_dead_lettered(&self, dl: DeadLetter) {
@@ -176,6 +185,10 @@ impl Inbox for Journal {
             JournalHealth::Broken(r) => Some(format!("journal: {r}")),
             _ => None,
         }
+    }
+
+    fn holds_unsettled(&self) -> bool {
+        self.pending() > 0
     }
 
     fn observe(&self, metrics: &Metrics) {

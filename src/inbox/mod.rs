@@ -119,6 +119,12 @@ pub trait Inbox: DeadLetterSink + Send + Sync + 'static {
         None
     }
 
+    /// Whether it holds accepted events not yet settled (an event asked
+    /// about may be waiting among them). The broker cannot tell: yes.
+    fn holds_unsettled(&self) -> bool {
+        true
+    }
+
     /// Brings this inbox's gauges up to date (at each scrape).
     fn observe(&self, metrics: &Metrics);
 

@@ -36,7 +36,10 @@ pub async fn by_id(id: web::Path<String>, state: web::Data<HttpState>) -> HttpRe
             body["id"] = json!(id);
             body["retention"] = json!(absent.retention);
             body["may_have_expired"] = json!(true);
-            body["may_be_queued"] = json!(absent.may_be_queued);
+            // Accepted events not yet taken into the pipeline have no record
+            // and are not in flight: while the inbox holds unsettled ones,
+            // this id may be among them.
+            body["may_be_queued"] = json!(absent.may_be_queued || state.inbox.holds_unsettled());
             problem_answer(StatusCode::NOT_FOUND, &body)
         }
         Err(e) => unavailable(&e),

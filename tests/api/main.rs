@@ -13,6 +13,7 @@ mod helpers;
 mod journal;
 mod lease;
 mod pipeline;
+mod records;
 mod replicas;
 mod restore;
 mod sweep;

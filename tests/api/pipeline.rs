@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-fn seed_channels(up: &TestUpstream, channels: &[String], members: &[String]) {
+pub(crate) fn seed_channels(up: &TestUpstream, channels: &[String], members: &[String]) {
     up.emulator.seed(Seed {
         channels: channels
             .iter()

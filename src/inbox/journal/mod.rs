@@ -556,6 +556,13 @@ impl Journal {
         })
     }
 
+    /// The event id and body of the record at `at` (a replay's: its dead
+    /// letter's event), read from the page cache or the disk; for an
+    /// event's record while the record is still in the log.
+    pub fn read_event(&self, at: Loc) -> Option<(String, Vec<u8>)> {
+        self.inner.shared.event_at(at)
+    }
+
     /// A reader of live records in log order, from the oldest.
     pub fn reader(&self) -> LogReader {
         LogReader {
@@ -687,6 +694,38 @@ fn to_record(rec: &log::RawRecord<'_>) -> Option<Record> {
 }
 
 impl Shared {
+    /// The event id and body a record holds (a replay's: its dead letter's
+    /// event), read straight from its segment.
+    fn event_at(&self, loc: Loc) -> Option<(String, Vec<u8>)> {
+        let view = self
+            .segments
+            .read()
+            .range(..=loc.seq)
+            .next_back()
+            .map(|(_, v)| v.clone())?;
+        let mut head = [0u8; 4];
+        if view.seg.read_at(&mut head, loc.offset).ok() != Some(4) {
+            return None;
+        }
+        let len = u32::from_le_bytes(head) as usize + 8;
+        let mut buf = vec![0u8; len];
+        if view.seg.read_at(&mut buf, loc.offset).ok() != Some(len) {
+            return None;
+        }
+        let log::Decoded::Record(rec, _) = log::decode(&buf) else {
+            return None;
+        };
+        if rec.seq != loc.seq {
+            return None;
+        }
+        if let Some((id, body)) = rec.event() {
+            return Some((id.to_owned(), body.to_vec()));
+        }
+        let dl = serde_json::from_slice::<DeadLetter>(rec.replay()?).ok()?;
+        let body = serde_json::to_vec(&dl.event).ok()?;
+        Some((dl.event_id, body))
+    }
+
     fn stats(&self) -> JournalStats {
         let dir_bytes = |d: &Path| -> u64 {
             std::fs::read_dir(d)

@@ -27,7 +27,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use super::dedupe::{self, fingerprint, Fp, Memtable, Run, Span};
-use super::log::{self, Decoded, Segment, HEADER_LEN};
+use super::log::{self, Segment, HEADER_LEN};
 use super::settled::{self, Live};
 use super::state::Legacy;
 use super::{
@@ -525,31 +525,11 @@ impl Writer {
     /// The event id and event a record holds (for a dead letter: the
     /// pipeline keeps neither).
     fn event_at(&self, loc: Loc) -> Option<(String, serde_json::Value)> {
-        let view = self
-            .shared
-            .segments
-            .read()
-            .range(..=loc.seq)
-            .next_back()
-            .map(|(_, v)| v.clone())?;
-        let mut head = [0u8; 4];
-        if view.seg.read_at(&mut head, loc.offset).ok() != Some(4) {
-            return None;
-        }
-        let len = u32::from_le_bytes(head) as usize + 8;
-        let mut buf = vec![0u8; len];
-        if view.seg.read_at(&mut buf, loc.offset).ok() != Some(len) {
-            return None;
-        }
-        let Decoded::Record(rec, _) = log::decode(&buf) else {
-            return None;
-        };
-        if let Some((id, body)) = rec.event() {
-            let event = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
-            return Some((id.to_owned(), event));
-        }
-        let dl = serde_json::from_slice::<DeadLetter>(rec.replay()?).ok()?;
-        Some((dl.event_id, dl.event))
+        let (id, body) = self.shared.event_at(loc)?;
+        Some((
+            id,
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        ))
     }
 
     /// The segment a group of `len` bytes starting at `first_seq` goes to:
