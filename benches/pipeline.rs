@@ -25,9 +25,12 @@
 //!    accepted, with mixed events; then peak RSS at the pending bound in
 //!    embedded and broker mode. `-- --only external --quick` fills 200,000
 //!    ids instead (its dedupe-window goal is then not judged).
+//! 8. Callbacks: section 1's drain without, then with completion callbacks
+//!    to a receiver (issue 15): the drain must not slow by more than 5%,
+//!    and every settled event's callback arrives.
 //!
 //! Prints a table (and a markdown copy, also written to
-//! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas,external`
+//! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas,external,callbacks`
 //! runs a subset (results.md is then left alone).
 
 #[path = "pipeline/common.rs"]
@@ -53,9 +56,19 @@ use common::{machine, sh, CpuMeter, VENDOR_RATE};
 use drain::{Burst, Via};
 use report::{Report, Verdict};
 
-const SECTIONS: [&str; 7] = [
-    "drain", "follows", "ingest", "latency", "memory", "replicas", "external",
+const SECTIONS: [&str; 8] = [
+    "drain",
+    "follows",
+    "ingest",
+    "latency",
+    "memory",
+    "replicas",
+    "external",
+    "callbacks",
 ];
+
+/// The secret section 8's callbacks are signed with.
+const CALLBACK_SECRET: &str = "whsec_Y2FsbGJhY2stYmVuY2gtc2VjcmV0LWtleS0wMQ==";
 
 /// 100,000 unsubscribes over 200 channels: 5,000 bans naming 20 channels each.
 const UNSUB_BURST: Burst = Burst::Unsubscribe {
@@ -317,6 +330,79 @@ async fn run_drain(rep: &mut Report) {
                 .join(" ")
         ));
     }
+}
+
+/// Section 8: completion callbacks must not slow the clean-up. The drain of
+/// section 1 again, without and then with `[callbacks] url` set (a receiver
+/// in this process answering 204): the drain time with them against
+/// without, and every callback delivered.
+async fn run_callbacks(rep: &mut Report) {
+    const SECTION: &str = "8. Callbacks (drain with / without)";
+    println!(
+        "
+== 8. Completion callbacks: section 1's drain without, then with callbacks"
+    );
+    let without = drain::run(
+        "cb0",
+        UNSUB_BURST,
+        100,
+        Via::Webhooks,
+        Duration::from_secs(90),
+    )
+    .await;
+    print_drain(&without);
+    // The receiver: the bare handler of section 7, a process of its own
+    // answering 202 to every POST; deliveries are the service's own count.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (mut receiver, url) = external::start_bare(dir.path());
+    let with = drain::run_with(
+        "cb1",
+        UNSUB_BURST,
+        100,
+        Via::Webhooks,
+        Duration::from_secs(90),
+        |s| {
+            s.callbacks.url = format!("{url}/hooks");
+            s.callbacks.secret = Some(
+                chat_janitor::domain::WebhookKey::decode(CALLBACK_SECRET).expect("valid secret"),
+            );
+        },
+        true,
+    )
+    .await;
+    print_drain(&with);
+    receiver.kill9();
+    let events = UNSUB_BURST.events() as u64;
+    let (delivered, last) = with.callbacks.unwrap_or_default();
+    let ratio = without.drain.as_secs_f64() / with.drain.as_secs_f64();
+    println!(
+        "  drain {} without, {} with callbacks: {ratio:.3}; callbacks delivered {delivered} of {events}, the last {} after the first call",
+        secs(without.drain),
+        secs(with.drain),
+        secs(last)
+    );
+    rep.row(
+        SECTION,
+        "first to last upstream call, with callbacks",
+        secs(with.drain),
+        format!("without: {}", secs(without.drain)),
+        format!("{ratio:.3} (without / with)"),
+        ">= 0.95",
+        verdict(ratio >= 0.95 && with.complete && without.complete),
+    );
+    rep.row(
+        SECTION,
+        "callbacks delivered (one per settled event)",
+        thousands(delivered),
+        format!(
+            "{} events; the last {} after the first call",
+            thousands(events),
+            secs(last)
+        ),
+        format!("{:.3}", delivered as f64 / events as f64),
+        "= 1",
+        verdict(delivered >= events),
+    );
 }
 
 async fn run_follows(rep: &mut Report) {
@@ -651,6 +737,9 @@ fn main() {
         }
         if want("external") {
             external::section(&mut rep).await;
+        }
+        if want("callbacks") {
+            run_callbacks(&mut rep).await;
         }
     });
     let took = started.elapsed();

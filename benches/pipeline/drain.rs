@@ -206,6 +206,9 @@ pub struct DrainResult {
     pub end_to_end: Duration,
     /// Per second of the drain (from the first call): calls, accounts.
     pub per_second: Vec<(u64, u64)>,
+    /// With completion callbacks on: how many were delivered (the
+    /// service's own count), and when the last was, after the first call.
+    pub callbacks: Option<(u64, Duration)>,
 }
 
 impl DrainResult {
@@ -250,6 +253,19 @@ pub async fn run(
     via: Via,
     timeout: Duration,
 ) -> DrainResult {
+    run_with(tag, burst, max_batch, via, timeout, |_| {}, false).await
+}
+
+/// `run`, with the service's settings changed by `tweak` first.
+pub async fn run_with(
+    tag: &str,
+    burst: Burst,
+    max_batch: usize,
+    via: Via,
+    timeout: Duration,
+    tweak: impl FnOnce(&mut chat_janitor::config::Settings),
+    wait_callbacks: bool,
+) -> DrainResult {
     let up = Upstream::start().await;
     up.emulator.seed(burst.seed(tag));
     let dir = tempfile::tempdir().expect("temp dir");
@@ -264,6 +280,7 @@ pub async fn run(
         Via::Broker => broker_settings(&up.url(), dir.path(), &queue),
     };
     s.batching.max_batch_items = max_batch;
+    tweak(&mut s);
     let (app, started_ms, post, post_statuses, post_max_ms) = match via {
         Via::Webhooks => {
             let app = RunningApp::spawn(s).await;
@@ -353,7 +370,30 @@ pub async fn run(
         post_max_ms,
         end_to_end: Duration::from_millis(last.saturating_sub(started_ms)),
         per_second,
+        callbacks: None,
     };
+    let mut res = res;
+    if wait_callbacks {
+        // Every settled event's callback, delivered before the app stops.
+        let want = burst.events() as u64;
+        let delivered = || async {
+            let text = app.metrics(&http).await;
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("chat_janitor_callback_deliveries_total{result=\"delivered\"} ")
+                })
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut n = delivered().await;
+        while n < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            n = delivered().await;
+        }
+        let done = Duration::from_millis(wall_ms().saturating_sub(first));
+        res.callbacks = Some((n, done));
+    }
     app.stop().await;
     if via == Via::Broker {
         delete_queue(&queue).await;

@@ -145,7 +145,7 @@ async fn bare(body: web::Bytes) -> HttpResponse {
     }
 }
 
-fn start_bare(dir: &Path) -> (Proc, String) {
+pub fn start_bare(dir: &Path) -> (Proc, String) {
     let log = dir.join("bare.log");
     let mut child = Command::new(std::env::current_exe().expect("the bench binary"))
         .env(BARE_ENV, "1")
