@@ -151,6 +151,34 @@ struct Saved {
     found: BTreeSet<String>,
 }
 
+impl Saved {
+    /// A sweep about to make its first pass.
+    fn fresh(id: u64, channel: &str, dry_run: bool) -> Saved {
+        Saved {
+            status: SweepStatus {
+                id,
+                channel: channel.to_owned(),
+                dry_run,
+                state: SweepState::Running,
+                pass: 1,
+                passes: Vec::new(),
+                pages: 0,
+                scanned: 0,
+                subscriber_num: 0,
+                found: 0,
+                removed: 0,
+                left: 0,
+                confirmed: false,
+                resumed: 0,
+                found_sample: Vec::new(),
+                error: None,
+            },
+            phase: Phase::List,
+            found: BTreeSet::new(),
+        }
+    }
+}
+
 /// Broker mode: what the work queue carries to the active dispatcher.
 #[derive(Debug, Serialize, Deserialize)]
 struct Command {
@@ -341,29 +369,8 @@ impl Sweeps {
         if self.pipeline.lock().is_none() {
             return Err(StartError::Closed);
         }
-        let status = move |id| SweepStatus {
-            id,
-            channel: channel.to_string(),
-            dry_run,
-            state: SweepState::Running,
-            pass: 1,
-            passes: Vec::new(),
-            pages: 0,
-            scanned: 0,
-            subscriber_num: 0,
-            found: 0,
-            removed: 0,
-            left: 0,
-            confirmed: false,
-            resumed: 0,
-            found_sample: Vec::new(),
-            error: None,
-        };
-        let fresh = move |id| Saved {
-            status: status(id),
-            phase: Phase::List,
-            found: BTreeSet::new(),
-        };
+        let name = channel.to_string();
+        let fresh = move |id| Saved::fresh(id, &name, dry_run);
         let saved = match &self.store {
             SweepStore::Journal(j) => {
                 let deny_bytes = serde_json::to_vec(&deny).unwrap_or_default();
@@ -495,28 +502,7 @@ impl Sweeps {
                 s
             }
             // The log lost it (retention, or it was deleted): from the start.
-            None => Saved {
-                status: SweepStatus {
-                    id,
-                    channel: cmd.channel.clone(),
-                    dry_run: cmd.dry_run,
-                    state: SweepState::Running,
-                    pass: 1,
-                    passes: Vec::new(),
-                    pages: 0,
-                    scanned: 0,
-                    subscriber_num: 0,
-                    found: 0,
-                    removed: 0,
-                    left: 0,
-                    confirmed: false,
-                    resumed: 0,
-                    found_sample: Vec::new(),
-                    error: None,
-                },
-                phase: Phase::List,
-                found: BTreeSet::new(),
-            },
+            None => Saved::fresh(id, &cmd.channel, cmd.dry_run),
         };
         if self
             .launch(channel, cmd.deny, saved, Some(halt.clone()))
