@@ -130,6 +130,7 @@ impl Application {
             (Arc::new(journal.clone()), Some(journal))
         };
         let (fate, callbacks) = match &journal {
+            _ if !settings.records.enabled => (Err(NoRecords::Disabled), None),
             Some(j) => open_records(&settings, j, &metrics).await,
             None => (Err(NoRecords::BrokerMode), None),
         };

@@ -135,6 +135,9 @@ impl Default for AdminSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RecordSettings {
+    /// Keep records at all. Off: no record is written, the routes answer
+    /// 501 and no callback is sent (the clean-up itself is unchanged).
+    pub enabled: bool,
     /// How long a record is kept after its event settled.
     #[serde(deserialize_with = "duration")]
     pub retention: Duration,
@@ -148,6 +151,7 @@ pub struct RecordSettings {
 impl Default for RecordSettings {
     fn default() -> Self {
         RecordSettings {
+            enabled: true,
             retention: Duration::from_secs(7 * 86_400),
             max_bytes: 1 << 30,
             read_token: SecretString::from(""),
@@ -685,6 +689,12 @@ impl Settings {
             return bad("records.max_bytes", "must be at least 1048576 (1 MiB)");
         }
         let c = &self.callbacks;
+        if c.enabled() && !r.enabled {
+            return bad(
+                "callbacks.url",
+                "callbacks carry the records: leave it empty when records.enabled is false",
+            );
+        }
         if c.enabled() {
             match reqwest::Url::parse(&c.url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
@@ -861,6 +871,11 @@ mod tests {
         assert_eq!(e.key, "records.retention");
         let e = with("[records]\nmax_bytes = 1000").unwrap_err();
         assert_eq!(e.key, "records.max_bytes");
+        assert!(s.records.enabled);
+        let s = with("[records]\nenabled = false").unwrap();
+        assert!(!s.records.enabled);
+        let e = with(&format!("[records]\nenabled = false\n[callbacks]\n{on}")).unwrap_err();
+        assert_eq!(e.key, "callbacks.url");
         let e = with(&format!(
             "[amqp]\nurl = \"amqp://127.0.0.1\"\n[callbacks]\n{on}"
         ))

@@ -47,6 +47,8 @@ pub struct HttpState {
 pub enum NoRecords {
     /// Broker mode keeps none yet.
     BrokerMode,
+    /// Turned off (`records.enabled = false`).
+    Disabled,
     /// The store could not be opened (the clean-up runs without it).
     Unavailable(String),
 }

@@ -103,6 +103,12 @@ fn no_records(why: &NoRecords) -> HttpResponse {
             "event records are kept in embedded mode only for now; in broker mode no record is stored",
             None,
         ),
+        NoRecords::Disabled => problem(
+            StatusCode::NOT_IMPLEMENTED,
+            "Records turned off",
+            "records.enabled is false in this service's configuration: no record is kept",
+            None,
+        ),
         NoRecords::Unavailable(reason) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             "Records unavailable",
