@@ -20,7 +20,9 @@
 //! later ones:
 //!
 //! A. fresh journal: rounds alternating bare handler / service, bans naming
-//!    one channel;
+//!    two channels (the issue's shape; 2 actions per event, so intake at
+//!    more than 10,000 events/s outruns the vendor's 20,000 removals/s and
+//!    a backlog builds);
 //! B. fill: wrk until 1,000,000 ids were accepted (the service's
 //!    `events_received_total{source="webhook"}`);
 //! C. the rounds of A again, with those ids in the dedupe window;
@@ -36,6 +38,11 @@
 //! (40 channels, 40 following, 40 followers), so the default prefetch
 //! (2,000 deliveries) holds more than `max_pending_items`, published to
 //! RabbitMQ before a broker-mode `serve` starts: VmRSS over time, VmHWM.
+//!
+//! Last (G), the records' cost: fresh embedded services, alternately with
+//! `[records] enabled = false` and `true`, each given one round of wrk and
+//! then waited for until every accepted event settled; the process's CPU
+//! over that, per event.
 //!
 //! Per service round: 202s per second (from the service's counters, with the
 //! full status mix), wrk's p50 / p99, and the service's CPU per accepted
@@ -170,7 +177,7 @@ pub fn start_bare(dir: &Path) -> (Proc, String) {
 /// The events sent.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Shape {
-    /// `user.banned` naming one channel.
+    /// `user.banned` naming two channels (the issue's shape).
     Ban,
     /// `user.banned` naming 2 channels, 1 following, 1 follower.
     Mixed,
@@ -181,7 +188,7 @@ enum Shape {
 impl Shape {
     fn actions(self) -> usize {
         match self {
-            Shape::Ban => 1,
+            Shape::Ban => 2,
             Shape::Mixed => 4,
             Shape::Wide => 120,
         }
@@ -189,7 +196,7 @@ impl Shape {
 
     fn describe(self) -> &'static str {
         match self {
-            Shape::Ban => "bans naming 1 channel",
+            Shape::Ban => "bans naming 2 channels",
             Shape::Mixed => "mixed: bans naming 2 channels, 1 following, 1 follower",
             Shape::Wide => "wide: bans naming 40 channels, 40 following, 40 followers",
         }
@@ -198,7 +205,7 @@ impl Shape {
     fn body(self, user: &str, k: u64) -> String {
         let ch = |i: u64| channel("ext", ((k + i) % CHANNELS as u64) as usize);
         let data = match self {
-            Shape::Ban => json!({"user_id": user, "channels": [ch(0)]}),
+            Shape::Ban => json!({"user_id": user, "channels": [ch(0), ch(1)]}),
             Shape::Mixed => json!({
                 "user_id": user,
                 "channels": [ch(0), ch(1)],
@@ -514,8 +521,19 @@ struct Svc {
 
 impl Svc {
     async fn start(dir: &Path, upstream: &str, name: &str, queue: Option<&str>) -> Svc {
+        Svc::start_with(dir, upstream, name, queue, &[]).await
+    }
+
+    async fn start_with(
+        dir: &Path,
+        upstream: &str,
+        name: &str,
+        queue: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Svc {
         let log = dir.join(format!("{name}.log"));
         let mut cmd = serve_command(dir, upstream);
+        cmd.envs(env.iter().copied());
         // The default log level (info), as users run it.
         cmd.env_remove("RUST_LOG")
             .env("CHAT_JANITOR__SERVER__LISTEN", "127.0.0.1:0")
@@ -1289,11 +1307,15 @@ pub async fn section(rep: &mut Report) {
         }
     );
 
+    let plan_round = b.plan.round;
+    let cost_rounds = if b.plan.quick { 1 } else { 2 };
+    let svc_fastest = b.svc_fastest;
     let Bench {
         dir,
         emu,
         mut bare,
         mut svc,
+        script,
         ..
     } = b;
     // Its state is thrown away with the temp dir: no need for the drain
@@ -1313,6 +1335,21 @@ pub async fn section(rep: &mut Report) {
     if let Some(r) = &brk {
         r.print(|s| format!(", consumed {}", thousands(s.amqp_received as u64)));
     }
+
+    println!(
+        "\n  G. the records' cost: fresh embedded services with [records] enabled = false and = true, alternately; each takes {} s of wrk ({}), then settles all of it; the process's CPU from the first request to idle, per accepted event",
+        plan_round.as_secs(),
+        Shape::Ban.describe()
+    );
+    let cost = records_cost(
+        dir.path(),
+        &emu,
+        &script,
+        plan_round,
+        cost_rounds,
+        svc_fastest,
+    )
+    .await;
     drop(emu);
     // Every child has exited and been waited for by now, so its CPU is in
     // this process's children's ticks.
@@ -1338,6 +1375,141 @@ pub async fn section(rep: &mut Report) {
         brk.as_ref(),
         bound,
     );
+    cost.rows(rep);
+}
+
+/// One service's run in phase G.
+struct CostRun {
+    accepted: u64,
+    rate: f64,
+    /// The process's CPU from the first request until it was idle, per
+    /// accepted event (µs).
+    cpu_us: f64,
+    settled: bool,
+}
+
+/// Phase G: CPU per event, intake to settle, without and with records.
+struct RecordsCost {
+    off: Vec<CostRun>,
+    on: Vec<CostRun>,
+}
+
+impl RecordsCost {
+    fn cpu(v: &[CostRun]) -> f64 {
+        median(v.iter().map(|r| r.cpu_us).collect())
+    }
+
+    fn rows(&self, rep: &mut Report) {
+        let s = "7f. Records' cost (issue 15): CPU per event, intake to settle";
+        let (off, on) = (Self::cpu(&self.off), Self::cpu(&self.on));
+        let all = |v: &[CostRun]| {
+            v.iter()
+                .map(|r| format!("{:.0}", r.cpu_us))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let settled = self.off.iter().chain(&self.on).all(|r| r.settled);
+        let ratio = on / off.max(1e-9);
+        rep.row(
+            s,
+            "serve CPU per event, records on vs off (median run)",
+            format!("{on:.0} us with records, {off:.0} us without"),
+            format!(
+                "runs on: {} us ({} events, {} 202/s); off: {} us ({} events, {} 202/s){}",
+                all(&self.on),
+                thousands(self.on.iter().map(|r| r.accepted).sum::<u64>()),
+                thousands(median(self.on.iter().map(|r| r.rate).collect()) as u64),
+                all(&self.off),
+                thousands(self.off.iter().map(|r| r.accepted).sum::<u64>()),
+                thousands(median(self.off.iter().map(|r| r.rate).collect()) as u64),
+                if settled {
+                    ""
+                } else {
+                    "; NOT every run settled all it took"
+                }
+            ),
+            format!("{ratio:.3}"),
+            "<= 1.10",
+            verdict(settled && ratio <= 1.10),
+        );
+    }
+}
+
+/// Phase G: fresh services, records off and on alternately, each given
+/// `d` of wrk, then waited for until every accepted event settled.
+async fn records_cost(
+    dir: &Path,
+    emu: &EmulatorProc,
+    script: &Path,
+    d: Duration,
+    rounds: usize,
+    fastest: f64,
+) -> RecordsCost {
+    let mut out = RecordsCost {
+        off: Vec::new(),
+        on: Vec::new(),
+    };
+    let n = (fastest.max(20_000.0) * 2.0 * d.as_secs_f64()).ceil() as u64;
+    let mut pools = 0;
+    for r in 0..rounds {
+        let order = if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for on in order {
+            pools += 1;
+            let name = format!("cost-{}-{r}", if on { "on" } else { "off" });
+            let svc_dir = dir.join(&name);
+            std::fs::create_dir_all(&svc_dir).expect("service dir");
+            let pool = svc_dir.join("pool.bin");
+            write_pool(&pool, &format!("cost{pools}-"), Shape::Ban, n);
+            let enabled = if on { "true" } else { "false" };
+            let mut svc = Svc::start_with(
+                &svc_dir,
+                &emu.url,
+                &name,
+                None,
+                &[("CHAT_JANITOR__RECORDS__ENABLED", enabled)],
+            )
+            .await;
+            let s0 = svc.snap().await;
+            let stat = format!("/proc/{}/stat", svc.pid());
+            let t0 = stat_ticks(&stat).unwrap_or(0);
+            let w = Wrk::start(script, &pool, &svc.url(), d).finish().await;
+            let idle = svc.wait_idle(Duration::from_secs(120)).await;
+            // The records' writer works behind the settle: a moment for it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let t1 = stat_ticks(&stat).unwrap_or(0);
+            let accepted = (idle.received - s0.received) as u64;
+            let run = CostRun {
+                accepted,
+                rate: accepted as f64 / w.secs.max(1e-3),
+                cpu_us: (t1 - t0) as f64 / TICKS_PER_S * 1e6 / accepted.max(1) as f64,
+                settled: idle.journal_events == Some(0.0),
+            };
+            println!(
+                "    records {}: {} events at {} 202/s, {:.0} us CPU per event to settle{}",
+                if on { "on " } else { "off" },
+                thousands(run.accepted),
+                thousands(run.rate as u64),
+                run.cpu_us,
+                if run.settled {
+                    ""
+                } else {
+                    " (NOT all settled)"
+                }
+            );
+            svc.proc.kill9();
+            let _ = std::fs::remove_dir_all(&svc_dir);
+            if on {
+                out.on.push(run);
+            } else {
+                out.off.push(run);
+            }
+        }
+    }
+    out
 }
 
 struct Fill {

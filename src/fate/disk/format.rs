@@ -4,7 +4,11 @@
 //! time, checksum) and then records, each `len u32 | crc32 u32 | at_ms u64
 //! | id fingerprint u128 | user fingerprint u128 | payload`, `len` counting
 //! what follows the checksum and the checksum covering it. The payload is the
-//! record's JSON, deflated. The fingerprints let an index be rebuilt from
+//! record's JSON as it is (files written before 2026-12 hold it deflated;
+//! they are still read). A record is written once and read rarely, and
+//! deflating a few hundred bytes at a time cost the writer about 30 µs a
+//! record, more than an event's whole way from intake to settle; the disk
+//! it saves is bounded by `max_bytes` anyway. The fingerprints let an index be rebuilt from
 //! the data alone, without inflating anything. Whatever follows the last
 //! record that checks out (a torn write at a crash) is not a record.
 //!
@@ -24,8 +28,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use flate2::read::DeflateDecoder;
-use flate2::write::DeflateEncoder;
-use flate2::Compression;
 
 use crate::fate::record::EventRecord;
 use crate::inbox::journal::dedupe::{Bloom, Fp};
@@ -92,15 +94,19 @@ fn u128_at(b: &[u8], at: usize) -> u128 {
     u128::from_le_bytes(b[at..at + 16].try_into().expect("16"))
 }
 
-/// A record's JSON, deflated.
-pub fn compress(record: &EventRecord) -> Vec<u8> {
-    let mut enc = DeflateEncoder::new(Vec::with_capacity(512), Compression::fast());
-    serde_json::to_writer(&mut enc, record).expect("records serialize");
-    enc.finish().expect("writing to a Vec cannot fail")
+/// A record's payload: its JSON.
+pub fn payload(record: &EventRecord) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records serialize")
 }
 
-/// A payload back into a record; `None` if it is not one.
+/// A payload back into a record: JSON, or (files written before 2026-12)
+/// deflated JSON; `None` if it is neither.
 pub fn decompress(payload: &[u8]) -> Option<EventRecord> {
+    if payload.first() == Some(&b'{') {
+        if let Ok(r) = serde_json::from_slice(payload) {
+            return Some(r);
+        }
+    }
     let mut json = Vec::with_capacity(payload.len() * 4);
     DeflateDecoder::new(payload)
         .take(MAX_RECORD as u64)

@@ -342,3 +342,21 @@ async fn a_full_queue_drops_and_counts_rather_than_waits() {
         .render()
         .contains("chat_janitor_records_dropped_total{reason=\"shutdown\"} 1"));
 }
+
+/// Record files written before payloads were plain JSON held them
+/// deflated: both read back.
+#[test]
+fn payloads_are_json_and_deflated_ones_still_read() {
+    use std::io::Write as _;
+    let r = record("evt-legacy", "u-legacy", 3);
+    let plain = format::payload(&r);
+    assert_eq!(plain.first(), Some(&b'{'));
+    assert_eq!(format::decompress(&plain).unwrap().id, r.id);
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&plain).unwrap();
+    let deflated = enc.finish().unwrap();
+    let back = format::decompress(&deflated).unwrap();
+    assert_eq!(back.id, r.id);
+    assert_eq!(back.actions.len(), 3);
+    assert!(format::decompress(b"{not json and not deflate").is_none());
+}

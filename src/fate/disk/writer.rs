@@ -42,6 +42,8 @@ pub(super) enum Cmd {
 
 /// Most records taken into one group.
 const MAX_GROUP: usize = 4_096;
+/// How long the first record of a group waits for more.
+const GATHER: Duration = Duration::from_millis(20);
 /// Records held (deflated) while writes fail; past it the oldest go.
 const MAX_HELD: usize = 16_384;
 /// Records per data file, which bounds the open file's in-memory index.
@@ -106,6 +108,13 @@ impl Writer {
         loop {
             match self.rx.recv_timeout(self.next_wake()) {
                 Ok(first) => {
+                    // A record waits a moment for others: the writer is not
+                    // woken (a futex call and a context switch on the
+                    // pipeline's side) for every settled event. Nothing
+                    // waits on a put; a sync or close is answered at once.
+                    if matches!(first, Cmd::Put(_)) {
+                        std::thread::sleep(GATHER);
+                    }
                     group.push(first);
                     while group.len() < MAX_GROUP {
                         match self.rx.try_recv() {
@@ -164,9 +173,9 @@ impl Writer {
         self.retry_at.is_none_or(|t| Instant::now() >= t)
     }
 
-    /// Deflates a record and queues it for the next write.
+    /// Serializes a record and queues it for the next write.
     fn hold(&mut self, record: Arc<EventRecord>) {
-        let payload = format::compress(&record);
+        let payload = format::payload(&record);
         self.held.push_back(Held {
             fp_id: fingerprint(&record.id),
             fp_user: fingerprint(&record.user_id),
