@@ -468,7 +468,9 @@ async fn run_ingest(rep: &mut Report) {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let s = "2. Ingest (202/s)";
+    // The in-process generator shares the service's process and runtime:
+    // not the figure users see, so it judges nothing (section 7 does).
+    let s = "2. Ingest, in-process generator (not what users see: see 7)";
     rep.row(
         s,
         "bare actix-web handler, best round",
@@ -487,8 +489,8 @@ async fn run_ingest(rep: &mut Report) {
         ),
         format!("bare {:.0} req/s; rounds: {}", bare.rate, all(&r.embedded)),
         format!("{:.3}", emb.rate / bare.rate),
-        ">= 0.5",
-        verdict(emb.rate / bare.rate >= 0.5),
+        "(see 7a)",
+        Verdict::Info,
     );
     rep.row(
         s,
