@@ -13,7 +13,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 
@@ -153,7 +153,58 @@ async fn an_unknown_id_in_broker_mode_is_404_and_may_be_queued() {
     assert_eq!(body["may_have_expired"], true, "{body:#}");
     assert_eq!(body["retention"], "2days", "{body:#}");
     assert_eq!(body["id"], "never-sent", "{body:#}");
+
+    // The stream carries the retention: the broker takes a declaration with
+    // the same arguments and refuses one with another age or size.
+    let stream = format!("{queue}.records");
+    let gib = 1i64 << 30;
+    assert!(
+        declares(&stream, "172800s", gib).await,
+        "the same arguments"
+    );
+    assert!(
+        !declares(&stream, "1s", gib).await,
+        "x-max-age is the retention"
+    );
+    assert!(
+        !declares(&stream, "172800s", gib / 2).await,
+        "x-max-length-bytes is max_bytes"
+    );
     cluster.stop_all(&[i]).await;
+}
+
+/// Whether the broker accepts declaring `stream` with these retention
+/// arguments (it refuses arguments unlike an existing queue's).
+async fn declares(stream: &str, max_age: &str, max_bytes: i64) -> bool {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    let long = |s: &str| AMQPValue::LongString(LongString::from(s));
+    args.insert(ShortString::from("x-queue-type"), long("stream"));
+    args.insert(ShortString::from("x-max-age"), long(max_age));
+    args.insert(
+        ShortString::from("x-max-length-bytes"),
+        AMQPValue::LongLongInt(max_bytes),
+    );
+    args.insert(
+        ShortString::from("x-stream-max-segment-size-bytes"),
+        AMQPValue::LongLongInt(max_bytes / 16),
+    );
+    let ok = ch
+        .queue_declare(
+            ShortString::from(stream),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .is_ok();
+    let _ = conn.close(200, ShortString::from("bye")).await;
+    ok
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
