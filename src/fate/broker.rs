@@ -89,6 +89,8 @@ pub const MAX_QUEUED: usize = 16_384;
 const PUBLISH_GROUP: usize = 256;
 /// Longest a lookup waits for the reader to pass its cursor.
 pub const SYNC_WAIT: Duration = Duration::from_secs(10);
+/// Longest a declaration waits for a connection.
+const DECLARE_WAIT: Duration = Duration::from_secs(5);
 /// Longest shutdown waits for the buffer to be published.
 pub const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// Deliveries in flight while reading (streams require a prefetch).
@@ -209,7 +211,10 @@ impl BrokerStore {
         self.inner
             .declared
             .get_or_try_init(|| async {
-                let conn = self.inner.link.connection().await?;
+                // Bounded: lapin may retry a first connection for long.
+                let conn = tokio::time::timeout(DECLARE_WAIT, self.inner.link.connection())
+                    .await
+                    .map_err(|_| BrokerError::Unavailable)??;
                 declare_stream(&conn, &self.inner.stream, &self.inner.opts).await?;
                 if let Some(x) = &self.inner.exchange {
                     declare_exchange(&conn, x).await?;
@@ -297,8 +302,14 @@ impl BrokerStore {
             }
             let mut backoff = BACKOFF_MIN;
             loop {
-                let failed = self.publish_group(group).await;
-                let Some((rest, e)) = failed else {
+                let failed = tokio::select! {
+                    f = self.publish_group(&mut group) => f,
+                    _ = self.inner.give_up.cancelled() => {
+                        self.drop_all(group, &mut rx);
+                        return;
+                    }
+                };
+                let Some(e) = failed else {
                     if std::mem::take(&mut failing) {
                         tracing::info!(log = %self.inner.stream, "event records are published again");
                     }
@@ -308,7 +319,6 @@ impl BrokerStore {
                 if !std::mem::replace(&mut failing, true) {
                     tracing::error!(error = %e, log = %self.inner.stream, "cannot publish event records; they are held and retried (the clean-up goes on)");
                 }
-                group = rest;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = self.inner.give_up.cancelled() => {
@@ -321,25 +331,29 @@ impl BrokerStore {
         }
     }
 
-    /// Publishes `group` concurrently; what failed, with the last error.
-    async fn publish_group(&self, group: Vec<Out>) -> Option<(Vec<Out>, BrokerError)> {
+    /// Publishes `group` concurrently, leaving in it what failed; the last
+    /// error, if any. (Cancelled, it leaves the whole group.)
+    async fn publish_group(&self, group: &mut Vec<Out>) -> Option<BrokerError> {
         if let Err(e) = self.declare().await {
-            return Some((group, e));
+            return Some(e);
         }
         let results = join_all(group.iter().map(|o| self.publish_one(o))).await;
-        let mut failed = Vec::new();
         let mut last = None;
-        for (o, r) in group.into_iter().zip(results) {
-            match r {
-                Ok(()) if !o.to_exchange => self.confirmed(&o.record),
-                Ok(()) => {}
-                Err(e) => {
-                    last = Some(e);
-                    failed.push(o);
+        let mut results = results.into_iter();
+        group.retain(|o| match results.next() {
+            Some(Ok(())) => {
+                if !o.to_exchange {
+                    self.confirmed(&o.record);
                 }
+                false
             }
-        }
-        last.map(|e| (failed, e))
+            Some(Err(e)) => {
+                last = Some(e);
+                true
+            }
+            None => true,
+        });
+        last
     }
 
     async fn publish_one(&self, out: &Out) -> Result<(), BrokerError> {
@@ -716,4 +730,101 @@ async fn declare_exchange(conn: &Connection, name: &str) -> Result<(), BrokerErr
         let _ = ch.close(200, ShortString::from("done")).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::domain::{Action, ChannelId, Source, UserId};
+    use crate::fate::RecordBuilder;
+
+    fn record(id: &str, user: &str, settled_ms: u64) -> EventRecord {
+        let u = UserId::parse(user).unwrap();
+        let plan = vec![Action::Unsubscribe {
+            channel: ChannelId::parse("@TOA#_c").unwrap(),
+            user: u.clone(),
+        }];
+        RecordBuilder::new(id, Source::Amqp, "user.banned", u, settled_ms, plan).build(
+            Status::Settled,
+            Some(settled_ms),
+            None,
+        )
+    }
+
+    fn dropped(metrics: &Metrics, reason: &str) -> u64 {
+        let series = format!("chat_janitor_records_dropped_total{{reason=\"{reason}\"}} ");
+        metrics
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in the metrics"))
+    }
+
+    /// A store whose broker never answers (nothing listens on port 1).
+    fn unreachable(dir: &Path, retention: Duration) -> (BrokerStore, Metrics) {
+        let metrics = Metrics::new(["user.banned"]);
+        let link = BrokerLink::new(
+            SecretString::from("amqp://guest:guest@127.0.0.1:1/%2f"),
+            "cj-unit".into(),
+            10,
+            10,
+        );
+        let opts = BrokerStoreOptions {
+            store: StoreOptions {
+                retention,
+                max_bytes: 1 << 30,
+            },
+            exchange: String::new(),
+        };
+        let store = BrokerStore::open(link, &dir.join(LOCAL_DIR), opts, metrics.clone()).unwrap();
+        (store, metrics)
+    }
+
+    #[tokio::test]
+    async fn with_the_broker_away_put_drops_beyond_the_buffer_and_close_gives_up_in_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // A copy left by an earlier run is a cache: deleted at start.
+        std::fs::create_dir_all(dir.path().join(LOCAL_DIR)).unwrap();
+        std::fs::write(dir.path().join(LOCAL_DIR).join("stale"), b"x").unwrap();
+        let (store, metrics) = unreachable(dir.path(), Duration::from_secs(3600));
+        assert!(!dir.path().join(LOCAL_DIR).join("stale").exists());
+        let now = unix_ms();
+        let n = MAX_QUEUED + PUBLISH_GROUP + 100;
+        for i in 0..n {
+            store.put(record(&format!("e{i}"), "alice", now));
+        }
+        let full = dropped(&metrics, "queue_full");
+        assert!(
+            (100..=(PUBLISH_GROUP + 100) as u64).contains(&full),
+            "{full} dropped for a full buffer"
+        );
+        // Not published yet, yet answered by the replica that settled it,
+        // without asking the broker.
+        assert_eq!(
+            store.get("e0").await.unwrap().map(|r| r.id),
+            Some("e0".to_owned())
+        );
+        assert!(store.absent().may_be_queued);
+        // The broker never comes: shutdown gives up after CLOSE_WAIT and
+        // counts every record it could not publish.
+        tokio::time::timeout(CLOSE_WAIT + Duration::from_secs(20), store.close())
+            .await
+            .expect("close gives up on a broker that is away");
+        assert_eq!(dropped(&metrics, "shutdown") + full, n as u64);
+        store.put(record("late", "alice", now));
+        assert_eq!(dropped(&metrics, "shutdown") + full, n as u64 + 1);
+    }
+
+    #[tokio::test]
+    async fn a_record_past_the_retention_is_never_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = unreachable(dir.path(), Duration::from_secs(60));
+        let now = unix_ms();
+        assert!(store.fresh(&record("new", "u", now - 59_000)));
+        assert!(!store.fresh(&record("old", "u", now - 61_000)));
+        store.inner.stop.cancel();
+    }
 }
