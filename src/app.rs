@@ -18,6 +18,7 @@ use crate::dispatch::Active;
 use crate::domain::clock::unix_now;
 use crate::domain::DeadLetterSink;
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
+use crate::fate::broker::{self as broker_records, BrokerStore, BrokerStoreOptions};
 use crate::fate::callbacks::{CallbackOptions, Callbacks};
 use crate::fate::disk::{DiskStore, StoreOptions};
 use crate::fate::recorder::Recorder;
@@ -54,7 +55,8 @@ pub struct Application {
     intake_stop: CancellationToken,
     intake_task: tokio::task::JoinHandle<()>,
     sweeps: Arc<Sweeps>,
-    /// Embedded mode's event records, and their callbacks if configured.
+    /// The event records (embedded mode's files, or broker mode's stream),
+    /// and their HTTP callbacks if configured (embedded mode).
     fate: Result<Arc<dyn FateStore>, NoRecords>,
     callbacks: Option<Callbacks>,
     metrics: Metrics,
@@ -91,6 +93,7 @@ impl Application {
         metrics.set_dispatch_active(true);
         // Where sweeps are kept: the journal, or the broker's sweep log.
         let store;
+        let mut broker_link = None;
         let (inbox, journal): (Arc<dyn Inbox>, Option<Journal>) = if settings.amqp.enabled() {
             let link = BrokerLink::new(
                 settings.amqp.url.clone(),
@@ -110,6 +113,7 @@ impl Application {
                 metrics.clone(),
             );
             lease = Some(handle);
+            broker_link = Some(link.clone());
             store = SweepStore::Broker {
                 log: SweepLog::new(link.clone(), KEEP_FINISHED, intake_stop.clone()),
                 active: active.clone(),
@@ -129,10 +133,10 @@ impl Application {
             store = SweepStore::Journal(journal.clone());
             (Arc::new(journal.clone()), Some(journal))
         };
-        let (fate, callbacks) = match &journal {
+        let (fate, callbacks) = match (&journal, broker_link) {
             _ if !settings.records.enabled => (Err(NoRecords::Disabled), None),
-            Some(j) => open_records(&settings, j, &metrics).await,
-            None => (Err(NoRecords::BrokerMode), None),
+            (Some(j), _) => open_records(&settings, j, &metrics).await,
+            (None, link) => (open_broker_records(&settings, link, &metrics), None),
         };
         let (pipeline, handles) = Pipeline::start(
             &settings.batching,
@@ -238,8 +242,7 @@ impl Application {
         &self.metrics
     }
 
-    /// The event record store, in embedded mode (tests put records through
-    /// it until the pipeline does).
+    /// The event record store (tests put records through it).
     pub fn fate(&self) -> Option<Arc<dyn FateStore>> {
         self.fate.as_ref().ok().cloned()
     }
@@ -336,6 +339,34 @@ async fn open_records(
         }
     };
     (Ok(store), callbacks)
+}
+
+/// Opens broker mode's record store: the stream `<queue>.records`, read
+/// back into a local copy under `journal.path/records-broker/`. A copy
+/// that cannot be opened leaves the service running without records.
+fn open_broker_records(
+    settings: &Settings,
+    link: Option<Arc<BrokerLink>>,
+    metrics: &Metrics,
+) -> Result<Arc<dyn FateStore>, NoRecords> {
+    let Some(link) = link else {
+        return Err(NoRecords::Unavailable("no broker link".into()));
+    };
+    let dir = settings.journal.path.join(broker_records::LOCAL_DIR);
+    let opts = BrokerStoreOptions {
+        store: StoreOptions {
+            retention: settings.records.retention,
+            max_bytes: settings.records.max_bytes,
+        },
+        exchange: settings.callbacks.exchange.clone(),
+    };
+    match BrokerStore::open(link, &dir, opts, metrics.clone()) {
+        Ok(s) => Ok(Arc::new(s)),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the local copy of the event records; running without records");
+            Err(NoRecords::Unavailable(e.to_string()))
+        }
+    }
 }
 
 fn spawn_id_pruning(journal: Journal, stop: CancellationToken) {

@@ -176,6 +176,10 @@ pub struct CallbackSettings {
     /// Longest wait between two attempts of one callback.
     #[serde(deserialize_with = "duration")]
     pub max_backoff: Duration,
+    /// Broker mode: a RabbitMQ exchange (topic) every record is also
+    /// published to, routing key `event.settled` or `event.dead_lettered`.
+    /// Empty: none.
+    pub exchange: String,
 }
 
 impl CallbackSettings {
@@ -191,6 +195,7 @@ impl Default for CallbackSettings {
             secret: None,
             max_age: Duration::from_secs(86_400),
             max_backoff: Duration::from_secs(60),
+            exchange: String::new(),
         }
     }
 }
@@ -709,7 +714,7 @@ impl Settings {
             if self.amqp.enabled() {
                 return bad(
                     "callbacks.url",
-                    "callbacks need embedded mode for now (records are not kept in broker mode yet): leave it empty when amqp.url is set",
+                    "HTTP callbacks need embedded mode: leave it empty when amqp.url is set (in broker mode records can go to callbacks.exchange)",
                 );
             }
             if !(Duration::from_secs(1)..=r.retention).contains(&c.max_age) {
@@ -720,6 +725,32 @@ impl Settings {
             }
             if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&c.max_backoff) {
                 return bad("callbacks.max_backoff", "must be between 100ms and 1h");
+            }
+        }
+
+        if !c.exchange.is_empty() {
+            if !self.amqp.enabled() {
+                return bad(
+                    "callbacks.exchange",
+                    "needs broker mode: set amqp.url, or leave it empty",
+                );
+            }
+            if !r.enabled {
+                return bad(
+                    "callbacks.exchange",
+                    "carries the records: leave it empty when records.enabled is false",
+                );
+            }
+            let name_ok = c.exchange.len() <= 255
+                && !c.exchange.starts_with("amq.")
+                && c.exchange
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+            if !name_ok {
+                return bad(
+                    "callbacks.exchange",
+                    "must be an exchange name of at most 255 letters, digits, '-', '_', '.' or ':', not starting with amq.",
+                );
             }
         }
 
@@ -881,6 +912,20 @@ mod tests {
         ))
         .unwrap_err();
         assert_eq!(e.key, "callbacks.url");
+        let broker = "[amqp]\nurl = \"amqp://127.0.0.1\"\n";
+        let s = with(&format!("{broker}[callbacks]\nexchange = \"cj.fate\"")).unwrap();
+        assert_eq!(s.callbacks.exchange, "cj.fate");
+        let e = with("[callbacks]\nexchange = \"cj.fate\"").unwrap_err();
+        assert_eq!(e.key, "callbacks.exchange", "refused in embedded mode: {e}");
+        let e = with(&format!("{broker}[callbacks]\nexchange = \"amq.topic\"")).unwrap_err();
+        assert_eq!(e.key, "callbacks.exchange");
+        let e = with(&format!("{broker}[callbacks]\nexchange = \"a b\"")).unwrap_err();
+        assert_eq!(e.key, "callbacks.exchange");
+        let e = with(&format!(
+            "{broker}[records]\nenabled = false\n[callbacks]\nexchange = \"x\""
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "callbacks.exchange");
     }
 
     #[test]

@@ -15,7 +15,6 @@
 //! - `upstream`: the attempts, for batches and reads alike;
 //! - `settle`: what each item of an answered batch becomes.
 
-mod active;
 mod circuit;
 mod gate;
 mod retry;
@@ -33,10 +32,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::coalesce::{Backlog, Batch, BatchKey, Input};
+pub use crate::domain::active::{Active, HANDOVER_PAUSE};
 use crate::domain::{Api, ItemResult};
 use crate::fate::WaitingFor;
 use crate::telemetry::Metrics;
-pub use active::{Active, HANDOVER_PAUSE};
 pub use circuit::Circuit;
 use retry::{Decision, Retries};
 use settle::{Call, Settler};

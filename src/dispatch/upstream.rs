@@ -11,12 +11,12 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::active::Active;
 use super::circuit::{Circuit, Pass};
 use super::gate::Gate;
 use super::retry::{Decision, Retries};
 use crate::coalesce::Request;
 use crate::config::DispatchSettings;
+use crate::domain::Active;
 use crate::domain::{Api, ChannelId, UserId};
 use crate::telemetry::Metrics;
 use crate::tencent::client::BatchOutcome;

@@ -1,8 +1,10 @@
 //! The vocabulary every stage shares, and that depends on no stage:
 //! identifiers, the upstream operations, actions, dead letters, the bounded
-//! outcome labels and the clock.
+//! outcome labels, the clock, and whether this process may dispatch
+//! (`Active`, which the inbox, the dispatcher and sweeps all consult).
 
 pub mod action;
+pub mod active;
 pub mod api;
 pub mod clock;
 pub mod dead_letter;
@@ -11,6 +13,7 @@ pub mod outcome;
 pub mod webhook_key;
 
 pub use action::Action;
+pub use active::Active;
 pub use api::Api;
 pub use dead_letter::{DeadLetter, DeadLetterSink, HeldEvent, Settle};
 pub use ids::{ChannelId, IdError, UserId, CHANNEL_PREFIX};

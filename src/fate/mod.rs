@@ -1,7 +1,9 @@
 //! Every event's fate, on record: what it asked for and what became of each
 //! action (`record`), where settled records are kept and looked up by id or
 //! by user (`FateStore`; embedded mode's implementation is `disk`, files
-//! under `journal.path/records/`), what the pipeline knows of events still
+//! under `journal.path/records/`; broker mode's is `broker`, the RabbitMQ
+//! stream `<queue>.records` read back into a local copy on every replica),
+//! what the pipeline knows of events still
 //! in flight (`InFlight`), and the signed completion callbacks that carry
 //! each record to the app (`callbacks`).
 //!
@@ -10,6 +12,7 @@
 //! own writer and never waits on the disk, so the clean-up is never slowed
 //! by it: a store that cannot keep up drops records and counts them.
 
+pub mod broker;
 pub mod callbacks;
 pub mod disk;
 pub mod record;

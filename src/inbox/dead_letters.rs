@@ -358,11 +358,11 @@ async fn read(
     }
 }
 
-pub(super) fn header<'a>(d: &'a Delivery, key: &str) -> Option<&'a AMQPValue> {
+pub fn header<'a>(d: &'a Delivery, key: &str) -> Option<&'a AMQPValue> {
     d.properties.headers().as_ref()?.inner().get(key)
 }
 
-pub(super) fn header_str(d: &Delivery, key: &str) -> Option<String> {
+pub fn header_str(d: &Delivery, key: &str) -> Option<String> {
     match header(d, key)? {
         AMQPValue::LongString(s) => Some(s.to_string()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
@@ -370,7 +370,7 @@ pub(super) fn header_str(d: &Delivery, key: &str) -> Option<String> {
     }
 }
 
-pub(super) fn stream_offset(d: &Delivery) -> Option<u64> {
+pub fn stream_offset(d: &Delivery) -> Option<u64> {
     match header(d, "x-stream-offset")? {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongInt(n) => u64::try_from(*n).ok(),

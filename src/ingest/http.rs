@@ -45,8 +45,6 @@ pub struct HttpState {
 /// Why the service keeps no event records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoRecords {
-    /// Broker mode keeps none yet.
-    BrokerMode,
     /// Turned off (`records.enabled = false`).
     Disabled,
     /// The store could not be opened (the clean-up runs without it).

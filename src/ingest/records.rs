@@ -94,15 +94,9 @@ fn unavailable(e: &FateError) -> HttpResponse {
     )
 }
 
-/// No store to ask: not kept in this mode (501), or not available (503).
+/// No store to ask: turned off (501), or not available (503).
 fn no_records(why: &NoRecords) -> HttpResponse {
     match why {
-        NoRecords::BrokerMode => problem(
-            StatusCode::NOT_IMPLEMENTED,
-            "Records not kept in this mode",
-            "event records are kept in embedded mode only for now; in broker mode no record is stored",
-            None,
-        ),
         NoRecords::Disabled => problem(
             StatusCode::NOT_IMPLEMENTED,
             "Records turned off",

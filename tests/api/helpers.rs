@@ -296,7 +296,8 @@ pub async fn message_count(queue: &str) -> u32 {
 }
 
 /// Deletes everything the service declares for `queue`: the work queue,
-/// `.dead`, `.leader`, `.dead-log`, `.sweeps` and the `.dlx` exchange.
+/// `.dead`, `.leader`, `.dead-log`, `.sweeps`, `.records` and the `.dlx`
+/// exchange.
 pub async fn delete_queues(queue: &str) {
     let Ok(conn) =
         lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await
@@ -309,6 +310,7 @@ pub async fn delete_queues(queue: &str) {
         format!("{queue}.leader"),
         format!("{queue}.dead-log"),
         format!("{queue}.sweeps"),
+        format!("{queue}.records"),
     ] {
         // A failed command closes the channel: one channel each.
         if let Ok(ch) = conn.create_channel().await {

@@ -4,6 +4,7 @@
 
 mod amqp;
 mod binary;
+mod broker_records;
 mod broker_sweep;
 mod client;
 mod dead_log;

@@ -704,7 +704,7 @@ async fn declare_old_style(queue: &str) {
 
 /// Publishes persistent bans (message_id `<prefix>-<user>`) back to back,
 /// then waits for every confirm.
-async fn publish_bans(queue: &str, prefix: &str, bans: &[(String, Vec<String>)]) {
+pub(crate) async fn publish_bans(queue: &str, prefix: &str, bans: &[(String, Vec<String>)]) {
     let conn = connect().await;
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default())

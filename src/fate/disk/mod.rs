@@ -69,7 +69,7 @@ impl StoreOptions {
         (self.max_bytes / 16).clamp(64 << 10, 64 << 20)
     }
 
-    fn retention_ms(&self) -> u64 {
+    pub fn retention_ms(&self) -> u64 {
         u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
     }
 }
