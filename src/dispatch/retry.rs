@@ -53,6 +53,11 @@ impl Retries {
         started: Instant,
         settings: &DispatchSettings,
     ) -> Decision {
+        if let ApiError::NotSent { .. } = err {
+            // Nothing was sent, so nothing failed: back through admission,
+            // which waits until this replica is active again.
+            return Decision::Backoff(Duration::from_millis(settings.retry_base_ms));
+        }
         let class = err.class();
         self.failed += 1;
         match class {

@@ -78,6 +78,8 @@ impl Upstream {
             Duration::from_millis(settings.probe_interval_ms),
             metrics.clone(),
         );
+        let gate = active.clone();
+        client.gate_sends(Box::new(move || gate.is_active()));
         Arc::new(Upstream {
             client,
             gates,
@@ -134,10 +136,14 @@ impl Upstream {
         drop(slot);
         let code = match &result {
             Ok(_) => "0".to_owned(),
+            // Not a request: nothing went upstream.
+            Err(ApiError::NotSent { .. }) => String::new(),
             Err(e) => e.metric_code(),
         };
-        self.metrics
-            .upstream_request(api, &code, started.elapsed().as_secs_f64(), items);
+        if !code.is_empty() {
+            self.metrics
+                .upstream_request(api, &code, started.elapsed().as_secs_f64(), items);
+        }
         Attempt {
             pass,
             started,

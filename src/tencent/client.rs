@@ -2,6 +2,7 @@
 //! renewed well before it expires, a fresh `random` per request, and every
 //! failure turned into an `ApiError` whose class drives what happens next.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -44,7 +45,13 @@ pub struct TencentClient {
     http: reqwest::Client,
     opts: ClientOptions,
     sig: Mutex<Option<CachedSig>>,
+    /// Asked just before each request is handed to the connection: `false`
+    /// and it is not sent (see [`TencentClient::gate_sends`]).
+    gate: OnceLock<SendGate>,
 }
+
+/// Whether a request may go out now.
+pub type SendGate = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl std::fmt::Debug for TencentClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,6 +135,7 @@ impl TencentClient {
             http,
             opts,
             sig: Mutex::new(None),
+            gate: OnceLock::new(),
         })
     }
 
@@ -158,6 +166,12 @@ impl TencentClient {
         }
     }
 
+    /// Asks `gate` before every request from now on (set once; a second
+    /// gate is ignored). The dispatcher's: only the active replica sends.
+    pub fn gate_sends(&self, gate: SendGate) {
+        let _ = self.gate.set(gate);
+    }
+
     /// One call: URL with fresh `random`, JSON body, status classification.
     pub async fn call<Req, Resp>(&self, api: Api, body: &Req) -> Result<Resp, ApiError>
     where
@@ -180,11 +194,23 @@ impl TencentClient {
             .append_pair("usersig", &sig)
             .append_pair("random", &random_s)
             .append_pair("contenttype", "json");
-        let resp = self
+        let request = self
             .http
             .post(url)
             .json(body)
-            .send()
+            .build()
+            .map_err(|e| transport_error(api, e))?;
+        // The last check before the bytes go: a replica frozen (SIGSTOP, a
+        // paused VM) after its admission and resumed after losing the
+        // lease must not send what it had prepared.
+        if let Some(gate) = self.gate.get() {
+            if !gate() {
+                return Err(ApiError::NotSent { api });
+            }
+        }
+        let resp = self
+            .http
+            .execute(request)
             .await
             .map_err(|e| transport_error(api, e))?;
         let status = resp.status();

@@ -84,6 +84,11 @@ pub enum ApiError {
     /// A 200 whose body is not the documented JSON.
     #[error("{api}: undecodable answer: {detail}")]
     Decode { api: Api, detail: String },
+    /// Not sent: at the last moment this replica was not (or could no
+    /// longer trust that it was) the active dispatcher. Never counted as a
+    /// request; the work goes back through admission.
+    #[error("{api}: not sent: this replica is not the active dispatcher")]
+    NotSent { api: Api },
 }
 
 impl ApiError {
@@ -93,7 +98,8 @@ impl ApiError {
             | ApiError::Http { api, .. }
             | ApiError::Timeout { api }
             | ApiError::Connect { api, .. }
-            | ApiError::Decode { api, .. } => *api,
+            | ApiError::Decode { api, .. }
+            | ApiError::NotSent { api } => *api,
         }
     }
 
@@ -108,6 +114,7 @@ impl ApiError {
             ApiError::Timeout { .. } | ApiError::Connect { .. } => ErrorClass::Transient,
             // A garbled body is most likely a proxy or truncation fault.
             ApiError::Decode { .. } => ErrorClass::Transient,
+            ApiError::NotSent { .. } => ErrorClass::Transient,
         }
     }
 
@@ -119,6 +126,7 @@ impl ApiError {
             ApiError::Timeout { .. } => "timeout".into(),
             ApiError::Connect { .. } => "connect".into(),
             ApiError::Decode { .. } => "decode".into(),
+            ApiError::NotSent { .. } => "not_sent".into(),
         }
     }
 

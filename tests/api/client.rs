@@ -228,3 +228,31 @@ async fn an_unreachable_upstream_is_transient() {
     assert_eq!(err.class(), ErrorClass::Transient, "{err}");
     assert_eq!(err.metric_code(), "connect");
 }
+
+/// A replica that may not send (its gate says no: it lost the lease, or was
+/// frozen) sends nothing, and the caller learns it was not sent.
+#[tokio::test]
+async fn a_closed_send_gate_sends_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let up = TestUpstream::start().await;
+    seed_channel(&up, "@TOA#_gated", users("g", 3));
+    let client = up.client();
+    let open = Arc::new(AtomicBool::new(false));
+    let gate = open.clone();
+    client.gate_sends(Box::new(move || gate.load(Ordering::SeqCst)));
+    let batch = SubscriberBatch::try_from_iter(users("g", 3).into_iter().map(uid)).unwrap();
+    let err = client
+        .delete_subscriber(&chan("@TOA#_gated"), &batch)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::NotSent { .. }), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Transient);
+    assert!(up.emulator.calls().is_empty(), "nothing reached upstream");
+    assert_eq!(up.emulator.subscribers("@TOA#_gated").unwrap().len(), 3);
+    open.store(true, Ordering::SeqCst);
+    let out = client
+        .delete_subscriber(&chan("@TOA#_gated"), &batch)
+        .await
+        .unwrap();
+    assert_eq!(out.count(ItemOutcome::Applied), 3);
+}
