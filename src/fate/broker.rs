@@ -3,8 +3,10 @@
 //! stateful dependency.
 //!
 //! - **Writing.** The replica whose pipeline settles an event publishes its
-//!   record (JSON, header [`KIND_HEADER`] = `record`) to the stream with
-//!   publisher confirms. `put` never waits: it hands the record to a
+//!   record to the stream with publisher confirms, in groups: one message
+//!   (header [`KIND_HEADER`] = `records`, a JSON array) carries up to
+//!   [`PUBLISH_GROUP`] records, since RabbitMQ's cost and lapin's is per
+//!   message. `put` never waits: it hands the record to a
 //!   bounded buffer ([`MAX_QUEUED`]) drained by a publisher task; a full
 //!   buffer drops the record and counts it (`records_dropped_total{reason
 //!   ="queue_full"}`), as the disk store does. A publish that fails is
@@ -78,14 +80,17 @@ use crate::inbox::broker::{table, BrokerError, BrokerLink};
 use crate::inbox::dead_letters::{header_str, stream_offset};
 use crate::telemetry::Metrics;
 
-/// A message's kind: `record` or `cursor`.
+/// A message's kind: `records` (a JSON array of records, one publish
+/// group), `record` (one record, as first written) or `cursor`.
 const KIND_HEADER: &str = "x-chat-janitor-record";
 /// A token a `sync` waits to see come by.
 const TOKEN_HEADER: &str = "x-chat-janitor-record-token";
 /// Records handed over and not yet published; beyond this a record is
 /// dropped (and counted) rather than waited for.
 pub const MAX_QUEUED: usize = 16_384;
-/// Records published at once (their confirms awaited together).
+/// Records published at once, in one stream message: RabbitMQ's and
+/// lapin's cost is per message (a publish, a confirm, a delivery and its
+/// ack), and one message per record took as much CPU as the clean-up.
 const PUBLISH_GROUP: usize = 256;
 /// Longest a lookup waits for the reader to pass its cursor.
 pub const SYNC_WAIT: Duration = Duration::from_secs(10);
@@ -152,10 +157,11 @@ struct Reader {
     waiting: HashMap<String, oneshot::Sender<()>>,
 }
 
-/// One message to publish: to the stream, or to the exchange.
-struct Out {
-    record: Arc<EventRecord>,
-    to_exchange: bool,
+/// One message to publish: records to the stream, or one record to the
+/// exchange.
+enum Out {
+    Stream(Vec<Arc<EventRecord>>),
+    Exchange(Arc<EventRecord>),
 }
 
 impl BrokerStore {
@@ -287,19 +293,11 @@ impl BrokerStore {
             if rx.recv_many(&mut taken, PUBLISH_GROUP).await == 0 {
                 return;
             }
-            let mut group: Vec<Out> = Vec::with_capacity(taken.len() * 2);
-            for r in taken.drain(..) {
-                if self.inner.exchange.is_some() {
-                    group.push(Out {
-                        record: r.clone(),
-                        to_exchange: true,
-                    });
-                }
-                group.push(Out {
-                    record: r,
-                    to_exchange: false,
-                });
+            let mut group: Vec<Out> = Vec::with_capacity(taken.len() + 1);
+            if self.inner.exchange.is_some() {
+                group.extend(taken.iter().cloned().map(Out::Exchange));
             }
+            group.push(Out::Stream(std::mem::take(&mut taken)));
             let mut backoff = BACKOFF_MIN;
             loop {
                 let failed = tokio::select! {
@@ -342,8 +340,10 @@ impl BrokerStore {
         let mut results = results.into_iter();
         group.retain(|o| match results.next() {
             Some(Ok(())) => {
-                if !o.to_exchange {
-                    self.confirmed(&o.record);
+                if let Out::Stream(records) = o {
+                    for r in records {
+                        self.confirmed(r);
+                    }
                 }
                 false
             }
@@ -357,10 +357,9 @@ impl BrokerStore {
     }
 
     async fn publish_one(&self, out: &Out) -> Result<(), BrokerError> {
-        let r = &out.record;
         let link = &self.inner.link;
-        match (&self.inner.exchange, out.to_exchange) {
-            (Some(exchange), true) => {
+        match (&self.inner.exchange, out) {
+            (Some(exchange), Out::Exchange(r)) => {
                 let key = match r.status {
                     Status::DeadLettered => "event.dead_lettered",
                     Status::Settled | Status::Pending => "event.settled",
@@ -377,14 +376,16 @@ impl BrokerStore {
                     other => other,
                 }
             }
-            _ => {
-                let body = serde_json::to_vec(&**r)
+            (None, Out::Exchange(_)) => Ok(()),
+            (_, Out::Stream(records)) => {
+                let all: Vec<&EventRecord> = records.iter().map(|r| &**r).collect();
+                let body = serde_json::to_vec(&all)
                     .map_err(|_| BrokerError::Refused("a record that cannot be serialised"))?;
                 let props = BasicProperties::default()
                     .with_content_type(ShortString::from("application/json"))
                     .with_headers(table(&[(
                         KIND_HEADER,
-                        AMQPValue::LongString(LongString::from("record")),
+                        AMQPValue::LongString(LongString::from("records")),
                     )]));
                 link.publish("", &self.inner.stream, &body, props).await
             }
@@ -403,7 +404,13 @@ impl BrokerStore {
 
     /// Shutdown gave up: everything held is dropped and counted.
     fn drop_all(&self, group: Vec<Out>, rx: &mut mpsc::Receiver<Arc<EventRecord>>) {
-        let mut n = group.iter().filter(|o| !o.to_exchange).count();
+        let mut n: usize = group
+            .iter()
+            .map(|o| match o {
+                Out::Stream(records) => records.len(),
+                Out::Exchange(_) => 0,
+            })
+            .sum();
         while rx.try_recv().is_ok() {
             n += 1;
         }
@@ -486,19 +493,23 @@ impl BrokerStore {
             }
             // Anything else is a cursor, or a message this version does not
             // know.
-            if header_str(&d, KIND_HEADER).as_deref() == Some("record") {
-                match serde_json::from_slice::<EventRecord>(&d.data) {
-                    Ok(record) if self.fresh(&record) => {
+            let records = match header_str(&d, KIND_HEADER).as_deref() {
+                Some("records") => serde_json::from_slice::<Vec<EventRecord>>(&d.data),
+                Some("record") => serde_json::from_slice::<EventRecord>(&d.data).map(|r| vec![r]),
+                _ => Ok(Vec::new()),
+            };
+            match records {
+                Ok(records) => {
+                    for record in records.into_iter().filter(|r| self.fresh(r)) {
                         self.inner.local.put(record);
                         copied += 1;
                         if copied.is_multiple_of(COPY_SYNC_EVERY) {
                             self.inner.local.sync().await;
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(offset, error = %e, "an unreadable event record on the stream skipped");
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(offset, error = %e, "unreadable event records on the stream skipped");
                 }
             }
             if let Some(token) = header_str(&d, TOKEN_HEADER) {
