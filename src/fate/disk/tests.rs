@@ -233,7 +233,7 @@ async fn the_oldest_files_go_when_the_store_is_over_its_bytes() {
         ..opts()
     };
     let store = DiskStore::open(dir.path(), small, metrics()).unwrap();
-    // Records that do not deflate much: distinct random-looking channels.
+    // Big records (about 5 KB each): 40 distinct random-looking channels.
     let big = |id: String| {
         let u = UserId::parse("alice").unwrap();
         let plan = (0..40)

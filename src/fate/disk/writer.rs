@@ -193,8 +193,22 @@ impl Writer {
     /// Writes every held record, a group at a time, until done or a write
     /// fails.
     fn write_held(&mut self) {
+        let roll = self.shared.opts.roll_bytes();
         while !self.held.is_empty() {
-            let n = self.held.len().min(MAX_GROUP);
+            // A group fits in one file (at least one record), so files
+            // roll at their size and retention by bytes has whole files
+            // to delete.
+            let mut bytes = 0u64;
+            let n = self
+                .held
+                .iter()
+                .take(MAX_GROUP)
+                .take_while(|h| {
+                    bytes += (REC_HEAD + h.payload.len()) as u64;
+                    bytes <= roll
+                })
+                .count()
+                .max(1);
             if !self.write_group(n) {
                 return;
             }
