@@ -61,7 +61,6 @@ use futures_util::future::{join_all, BoxFuture};
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ExchangeKind};
@@ -76,7 +75,7 @@ use super::{
 };
 use crate::domain::clock::unix_ms;
 use crate::domain::RecordDrop;
-use crate::inbox::broker::{table, BrokerError, BrokerLink};
+use crate::inbox::broker::{declare_stream, table, BrokerError, BrokerLink};
 use crate::inbox::dead_letters::{header_str, stream_offset};
 use crate::telemetry::Metrics;
 
@@ -221,7 +220,7 @@ impl BrokerStore {
                 let conn = tokio::time::timeout(DECLARE_WAIT, self.inner.link.connection())
                     .await
                     .map_err(|_| BrokerError::Unavailable)??;
-                declare_stream(&conn, &self.inner.stream, &self.inner.opts).await?;
+                declare_record_stream(&conn, &self.inner.stream, &self.inner.opts).await?;
                 if let Some(x) = &self.inner.exchange {
                     declare_exchange(&conn, x).await?;
                 }
@@ -446,7 +445,7 @@ impl BrokerStore {
     /// until the connection is lost.
     async fn read_once(&self, backoff: &mut Duration) -> Result<(), BrokerError> {
         let conn = self.inner.link.dedicated_connection("record log").await?;
-        declare_stream(&conn, &self.inner.stream, &self.inner.opts).await?;
+        declare_record_stream(&conn, &self.inner.stream, &self.inner.opts).await?;
         let ch = conn.create_channel().await?;
         ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
         let next = self.inner.reader.lock().next;
@@ -654,57 +653,36 @@ impl FateStore for BrokerStore {
 
 /// Declares the stream with the retention. An existing one with other
 /// arguments is used as it is (and that is logged).
-async fn declare_stream(
+async fn declare_record_stream(
     conn: &Connection,
     name: &str,
     opts: &StoreOptions,
 ) -> Result<(), BrokerError> {
-    let ch = conn.create_channel().await?;
     let max_bytes = i64::try_from(opts.max_bytes).unwrap_or(i64::MAX);
     let segment = (max_bytes / 16).clamp(64 << 10, 500_000_000);
-    let declared = ch
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            table(&[
-                (
-                    "x-queue-type",
-                    AMQPValue::LongString(LongString::from("stream")),
-                ),
-                (
-                    "x-max-age",
-                    AMQPValue::LongString(LongString::from(format!(
-                        "{}s",
-                        opts.retention.as_secs().max(1)
-                    ))),
-                ),
-                ("x-max-length-bytes", AMQPValue::LongLongInt(max_bytes)),
-                (
-                    "x-stream-max-segment-size-bytes",
-                    AMQPValue::LongLongInt(segment),
-                ),
-            ]),
-        )
-        .await;
-    if let Err(e) = declared {
-        tracing::warn!(error = %e, log = name, "the event record stream was declared before with other arguments (records.retention or records.max_bytes changed?); using it as it is");
-        let ch = conn.create_channel().await?;
-        ch.queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-        let _ = ch.close(200, ShortString::from("done")).await;
-    } else {
-        let _ = ch.close(200, ShortString::from("done")).await;
-    }
+    let args = [
+        (
+            "x-max-age",
+            AMQPValue::LongString(LongString::from(format!(
+                "{}s",
+                opts.retention.as_secs().max(1)
+            ))),
+        ),
+        ("x-max-length-bytes", AMQPValue::LongLongInt(max_bytes)),
+        (
+            "x-stream-max-segment-size-bytes",
+            AMQPValue::LongLongInt(segment),
+        ),
+    ];
+    let ch = declare_stream(
+        conn,
+        name,
+        &args,
+        "the event record stream",
+        " (records.retention or records.max_bytes changed?)",
+    )
+    .await?;
+    let _ = ch.close(200, ShortString::from("done")).await;
     Ok(())
 }
 
@@ -723,23 +701,25 @@ async fn declare_exchange(conn: &Connection, name: &str) -> Result<(), BrokerErr
             FieldTable::default(),
         )
         .await;
-    if let Err(e) = declared {
-        tracing::warn!(error = %e, exchange = name, "callbacks.exchange exists with other arguments; using it as it is");
-        let ch = conn.create_channel().await?;
-        ch.exchange_declare(
-            ShortString::from(name),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-        let _ = ch.close(200, ShortString::from("done")).await;
-    } else {
-        let _ = ch.close(200, ShortString::from("done")).await;
-    }
+    let ch = match declared {
+        Ok(()) => ch,
+        Err(e) => {
+            tracing::warn!(error = %e, exchange = name, "callbacks.exchange exists with other arguments; using it as it is");
+            let ch = conn.create_channel().await?;
+            ch.exchange_declare(
+                ShortString::from(name),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            ch
+        }
+    };
+    let _ = ch.close(200, ShortString::from("done")).await;
     Ok(())
 }
 

@@ -93,6 +93,53 @@ pub fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     t
 }
 
+/// Declares the durable stream `name` with `args` (besides its type) and
+/// returns the channel it was declared on. A stream declared before with
+/// other arguments is used as it is: RabbitMQ refuses new ones (a policy
+/// can change them), which is logged as `what` (and `hint`, what may have
+/// changed) rather than stopping the service.
+pub async fn declare_stream(
+    conn: &Connection,
+    name: &str,
+    args: &[(&str, AMQPValue)],
+    what: &str,
+    hint: &str,
+) -> Result<Channel, BrokerError> {
+    let mut all = vec![(
+        "x-queue-type",
+        AMQPValue::LongString(LongString::from("stream")),
+    )];
+    all.extend(args.iter().cloned());
+    let ch = conn.create_channel().await?;
+    let declared = ch
+        .queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            table(&all),
+        )
+        .await;
+    match declared {
+        Ok(_) => Ok(ch),
+        Err(e) => {
+            tracing::warn!(error = %e, log = name, "{what} declared before with other arguments{hint}; using it as it is");
+            let ch = conn.create_channel().await?;
+            ch.queue_declare(
+                ShortString::from(name),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+            Ok(ch)
+        }
+    }
+}
+
 impl BrokerLink {
     pub fn new(
         uri: SecretString,

@@ -53,14 +53,12 @@ use std::time::Duration;
 use base64::Engine;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 
-use super::broker::{dlx_name, table, BrokerError, BrokerLink};
+use super::broker::{declare_stream, dlx_name, table, BrokerError, BrokerLink};
 use crate::domain::DeadLetter;
 
 /// Marks a log message as "these offsets were replayed".
@@ -127,40 +125,8 @@ impl DeadLog {
     pub async fn declare(link: Arc<BrokerLink>) -> Result<DeadLog, BrokerError> {
         let conn = link.connection().await?;
         let log = dead_log_name(&link.queue);
-        let ch = conn.create_channel().await?;
-        let declared = ch
-            .queue_declare(
-                ShortString::from(log.as_str()),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                table(&[
-                    (
-                        "x-queue-type",
-                        AMQPValue::LongString(LongString::from("stream")),
-                    ),
-                    ("x-max-length-bytes", AMQPValue::LongLongInt(LOG_MAX_BYTES)),
-                ]),
-            )
-            .await;
-        let ch = match declared {
-            Ok(_) => ch,
-            Err(e) => {
-                tracing::warn!(error = %e, log, "dead-letter log declared before with other arguments; using it as it is");
-                let ch = conn.create_channel().await?;
-                ch.queue_declare(
-                    ShortString::from(log.as_str()),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-                ch
-            }
-        };
+        let args = [("x-max-length-bytes", AMQPValue::LongLongInt(LOG_MAX_BYTES))];
+        let ch = declare_stream(&conn, &log, &args, "dead-letter log", "").await?;
         ch.queue_bind(
             ShortString::from(log.as_str()),
             ShortString::from(dlx_name(&link.queue).as_str()),

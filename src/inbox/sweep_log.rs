@@ -42,14 +42,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::{BasicProperties, Connection};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{table, BrokerError, BrokerLink};
+use super::broker::{declare_stream, table, BrokerError, BrokerLink};
 use super::dead_letters::{header, header_str, stream_offset};
 
 /// Set on a work-queue message that is a sweep command: the sweep's id.
@@ -397,43 +397,15 @@ impl SweepLog {
 /// Declares the log (a stream). An existing one with other arguments is
 /// used as it is.
 async fn declare(conn: &Connection, name: &str) -> Result<(), BrokerError> {
-    let ch = conn.create_channel().await?;
-    let declared = ch
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            table(&[
-                (
-                    "x-queue-type",
-                    AMQPValue::LongString(LongString::from("stream")),
-                ),
-                ("x-max-length-bytes", AMQPValue::LongLongInt(LOG_MAX_BYTES)),
-                (
-                    "x-stream-max-segment-size-bytes",
-                    AMQPValue::LongLongInt(SEGMENT_BYTES),
-                ),
-            ]),
-        )
-        .await;
-    if let Err(e) = declared {
-        tracing::warn!(error = %e, log = name, "sweep log declared before with other arguments; using it as it is");
-        let ch = conn.create_channel().await?;
-        ch.queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-        let _ = ch.close(200, ShortString::from("done")).await;
-    } else {
-        let _ = ch.close(200, ShortString::from("done")).await;
-    }
+    let args = [
+        ("x-max-length-bytes", AMQPValue::LongLongInt(LOG_MAX_BYTES)),
+        (
+            "x-stream-max-segment-size-bytes",
+            AMQPValue::LongLongInt(SEGMENT_BYTES),
+        ),
+    ];
+    let ch = declare_stream(conn, name, &args, "sweep log", "").await?;
+    let _ = ch.close(200, ShortString::from("done")).await;
     Ok(())
 }
 
