@@ -133,19 +133,3 @@ pub trait InFlight: Send + Sync + 'static {
     /// Records so far of in-flight events about `user_id`, at most `limit`.
     fn pending_for_user(&self, user_id: &str, limit: usize) -> Vec<EventRecord>;
 }
-
-/// Knows no event in flight. The pipeline does not track per-event
-/// outcomes yet, so the service answers from settled records only, and a
-/// pending event's id is not found until its record is written.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NothingInFlight;
-
-impl InFlight for NothingInFlight {
-    fn pending(&self, _id: &str) -> Option<EventRecord> {
-        None
-    }
-
-    fn pending_for_user(&self, _user_id: &str, _limit: usize) -> Vec<EventRecord> {
-        Vec::new()
-    }
-}
