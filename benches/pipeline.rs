@@ -31,7 +31,10 @@
 //!
 //! Prints a table (and a markdown copy, also written to
 //! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas,external,callbacks`
-//! runs a subset (results.md is then left alone).
+//! runs a subset (results.md is then left alone); `-- --only records` runs
+//! section 7's phase G alone, three rounds. With `CJ_BENCH_PERF=<dir>` set,
+//! phase G records each service with `perf record -g` into `<dir>` (a
+//! profiling aid; perf slows what it watches).
 
 #[path = "pipeline/common.rs"]
 mod common;
@@ -56,7 +59,7 @@ use common::{machine, sh, CpuMeter, VENDOR_RATE};
 use drain::{Burst, Via};
 use report::{Report, Verdict};
 
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "drain",
     "follows",
     "ingest",
@@ -65,6 +68,7 @@ const SECTIONS: [&str; 8] = [
     "replicas",
     "external",
     "callbacks",
+    "records",
 ];
 
 /// The secret section 8's callbacks are signed with.
@@ -742,6 +746,10 @@ fn main() {
         }
         if want("callbacks") {
             run_callbacks(&mut rep).await;
+        }
+        // Section 7 runs it too (phase G).
+        if want("records") && !want("external") {
+            external::records_section(&mut rep).await;
         }
     });
     let took = started.elapsed();

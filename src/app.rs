@@ -22,7 +22,7 @@ use crate::fate::broker::{self as broker_records, BrokerStore, BrokerStoreOption
 use crate::fate::callbacks::{CallbackOptions, Callbacks};
 use crate::fate::disk::{DiskStore, StoreOptions};
 use crate::fate::recorder::Recorder;
-use crate::fate::FateStore;
+use crate::fate::{FateStore, RulesBook};
 use crate::inbox::broker::BrokerLink;
 use crate::inbox::consumer::BrokerInbox;
 use crate::inbox::journal::{Journal, DEDUPE_WINDOW_SECS};
@@ -135,8 +135,8 @@ impl Application {
         };
         let (fate, callbacks) = match (&journal, broker_link) {
             _ if !settings.records.enabled => (Err(NoRecords::Disabled), None),
-            (Some(j), _) => open_records(&settings, j, &metrics).await,
-            (None, link) => (open_broker_records(&settings, link, &metrics), None),
+            (Some(j), _) => open_records(&settings, j, &metrics, &rules).await,
+            (None, link) => (open_broker_records(&settings, link, &metrics, &rules), None),
         };
         let (pipeline, handles) = Pipeline::start(
             &settings.batching,
@@ -296,13 +296,15 @@ async fn open_records(
     settings: &Settings,
     journal: &Journal,
     metrics: &Metrics,
+    rules: &Arc<Rules>,
 ) -> (Result<Arc<dyn FateStore>, NoRecords>, Option<Callbacks>) {
     let dir = settings.journal.path.join("records");
     let opts = StoreOptions {
         retention: settings.records.retention,
         max_bytes: settings.records.max_bytes,
     };
-    let store: Arc<dyn FateStore> = match DiskStore::open(&dir, opts, metrics.clone()) {
+    let book = RulesBook::new(rules.clone());
+    let store: Arc<dyn FateStore> = match DiskStore::open(&dir, opts, metrics.clone(), book) {
         Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!(error = %e, "cannot open the event record store; running without records");
@@ -348,6 +350,7 @@ fn open_broker_records(
     settings: &Settings,
     link: Option<Arc<BrokerLink>>,
     metrics: &Metrics,
+    rules: &Arc<Rules>,
 ) -> Result<Arc<dyn FateStore>, NoRecords> {
     let Some(link) = link else {
         return Err(NoRecords::Unavailable("no broker link".into()));
@@ -360,7 +363,8 @@ fn open_broker_records(
         },
         exchange: settings.callbacks.exchange.clone(),
     };
-    match BrokerStore::open(link, &dir, opts, metrics.clone()) {
+    let book = RulesBook::new(rules.clone());
+    match BrokerStore::open(link, &dir, opts, metrics.clone(), book) {
         Ok(s) => Ok(Arc::new(s)),
         Err(e) => {
             tracing::error!(error = %e, "cannot open the local copy of the event records; running without records");

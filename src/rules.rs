@@ -3,13 +3,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::domain::{Action, ChannelId};
 use crate::event::{Event, ParseError};
 
 /// Which channels a rule acts on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChannelSource {
     /// None.
@@ -25,7 +26,7 @@ pub enum ChannelSource {
 }
 
 /// One event type's rule.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Channels to unsubscribe `user_id` from.
@@ -103,6 +104,11 @@ enum Direction {
     Subscribe,
 }
 
+fn fingerprint_of(snapshot: &[u8]) -> u64 {
+    let h = Sha256::digest(snapshot);
+    u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
+}
+
 /// Why an event cannot be turned into actions.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuleError {
@@ -120,6 +126,18 @@ pub struct Rules {
     /// Tier names, lowest first.
     tiers: Vec<String>,
     /// Managed channel -> rank of the tier it requires.
+    required_rank: BTreeMap<ChannelId, usize>,
+    /// Of `snapshot()`: which rules planned an event (its record is planned
+    /// again with them on read).
+    fingerprint: u64,
+}
+
+/// Everything a plan depends on, as kept beside the records it planned.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    rules: BTreeMap<String, Rule>,
+    managed: Vec<ChannelId>,
+    tiers: Vec<String>,
     required_rank: BTreeMap<ChannelId, usize>,
 }
 
@@ -142,12 +160,46 @@ impl Rules {
             .iter()
             .filter_map(|(c, t)| Some((c.clone(), tiers.iter().position(|x| x == t)?)))
             .collect();
-        Rules {
+        Rules::from_parts(Snapshot {
             rules,
             managed: channels.managed.clone(),
             tiers,
             required_rank,
-        }
+        })
+    }
+
+    fn from_parts(s: Snapshot) -> Rules {
+        let mut rules = Rules {
+            rules: s.rules,
+            managed: s.managed,
+            tiers: s.tiers,
+            required_rank: s.required_rank,
+            fingerprint: 0,
+        };
+        rules.fingerprint = fingerprint_of(&rules.snapshot());
+        rules
+    }
+
+    /// The rules as JSON (map keys sorted): equal rules, equal bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&Snapshot {
+            rules: self.rules.clone(),
+            managed: self.managed.clone(),
+            tiers: self.tiers.clone(),
+            required_rank: self.required_rank.clone(),
+        })
+        .expect("rules serialize")
+    }
+
+    /// Rules back from `snapshot()`'s bytes.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Rules, serde_json::Error> {
+        serde_json::from_slice(bytes).map(Rules::from_parts)
+    }
+
+    /// Which rules these are: the first 8 bytes of the SHA-256 of their
+    /// snapshot (stable across builds and replicas).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
     }
 
     /// Event types some rule knows (the `type` label values).

@@ -571,7 +571,7 @@ impl Origin {
                     .iter()
                     .any(|(_, o)| matches!(o.result, Settled::DeadLettered(_)));
                 let plan = held.outcomes.plan();
-                let record = fate.recorder.build(
+                fate.recorder.settled(
                     Draft {
                         held: &event,
                         kind: &self.kind(),
@@ -579,17 +579,9 @@ impl Origin {
                         plan,
                         outcomes,
                     },
-                    if dead {
-                        Status::DeadLettered
-                    } else {
-                        Status::Settled
-                    },
-                    Some(unix_ms()),
-                    None,
+                    dead,
+                    unix_ms(),
                 );
-                if let Some(r) = record {
-                    fate.recorder.put(r);
-                }
             }
             let me = Arc::as_ptr(&self.0);
             fate.in_flight

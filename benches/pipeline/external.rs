@@ -1475,12 +1475,14 @@ async fn records_cost(
             .await;
             let s0 = svc.snap().await;
             let stat = format!("/proc/{}/stat", svc.pid());
+            let perf = Perf::attach(svc.pid(), &name);
             let t0 = stat_ticks(&stat).unwrap_or(0);
             let w = Wrk::start(script, &pool, &svc.url(), d).finish().await;
             let idle = svc.wait_idle(Duration::from_secs(120)).await;
             // The records' writer works behind the settle: a moment for it.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let t1 = stat_ticks(&stat).unwrap_or(0);
+            drop(perf);
             let accepted = (idle.received - s0.received) as u64;
             let run = CostRun {
                 accepted,
@@ -1510,6 +1512,78 @@ async fn records_cost(
         }
     }
     out
+}
+
+/// `perf record` of one process, when `CJ_BENCH_PERF` names a directory
+/// (a profiling aid: its own CPU is not charged to the process, but it
+/// slows it, so figures from such a run are not reported anywhere).
+struct Perf(Option<std::process::Child>);
+
+impl Perf {
+    fn attach(pid: u32, name: &str) -> Perf {
+        let Some(dir) = std::env::var_os("CJ_BENCH_PERF") else {
+            return Perf(None);
+        };
+        let out = Path::new(&dir).join(format!("{name}.data"));
+        let child = Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok();
+        println!("    perf record of pid {pid} to {}", out.display());
+        // perf needs a moment to attach.
+        std::thread::sleep(Duration::from_millis(300));
+        Perf(child)
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Phase G alone (`--only records`), three rounds of each: the records'
+/// cost without the rest of section 7.
+pub async fn records_section(rep: &mut Report) {
+    println!(
+        "\n== 7f. The records' cost (issue 15) alone: fresh embedded services with [records] enabled = false and = true, alternately, each given 5 s of wrk ({}) then waited for until all settled",
+        Shape::Ban.describe()
+    );
+    if ensure_wrk().is_none() {
+        println!("  wrk is not installed and apt-get could not install it: section skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("replay.lua");
+    std::fs::write(&script, LUA).expect("lua script");
+    let emu = EmulatorProc::start(dir.path());
+    emu.seed(&Seed {
+        channels: (0..CHANNELS)
+            .map(|c| SeedChannel::new(channel("ext", c), Vec::<String>::new()))
+            .collect(),
+        ..Seed::default()
+    })
+    .await;
+    let cost = records_cost(
+        dir.path(),
+        &emu,
+        &script,
+        Duration::from_secs(5),
+        3,
+        25_000.0,
+    )
+    .await;
+    drop(emu);
+    cost.rows(rep);
 }
 
 struct Fill {

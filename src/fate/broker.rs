@@ -70,8 +70,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::disk::{DiskStore, StoreOptions};
 use super::{
-    callbacks, Absent, CallbackCursor, EventRecord, FateError, FateStore, Position, Status,
-    StoreStats,
+    callbacks, Absent, CallbackCursor, EventRecord, FateError, FateStore, Position, RulesBook,
+    SettledEvent, Status, StoreStats,
 };
 use crate::domain::clock::unix_ms;
 use crate::domain::RecordDrop;
@@ -135,10 +135,14 @@ struct Inner {
     local: DiskStore,
     metrics: Metrics,
     /// The publisher's buffer; `None` once closed.
-    tx: Mutex<Option<mpsc::Sender<Arc<EventRecord>>>>,
+    tx: Mutex<Option<mpsc::Sender<Arc<SettledEvent>>>>,
     /// Records handed over and not yet confirmed, by event id, so the
     /// replica that settled an event answers for it at once.
-    unpublished: Mutex<HashMap<Box<str>, Arc<EventRecord>>>,
+    unpublished: Mutex<HashMap<Box<str>, Arc<SettledEvent>>>,
+    /// The rules records are planned again with on read.
+    book: Arc<RulesBook>,
+    /// The service's rules' snapshot, sent with every group of records.
+    rules_snapshot: Vec<u8>,
     declared: OnceCell<()>,
     /// The reader's state: the next offset, and syncs waiting for tokens.
     reader: Mutex<Reader>,
@@ -154,13 +158,56 @@ struct Inner {
 struct Reader {
     next: Option<u64>,
     waiting: HashMap<String, oneshot::Sender<()>>,
+    /// An earlier version's records were seen (and said so, once).
+    warned_old: bool,
+}
+
+/// The `kind` header of a stream message of kept records.
+const KEPT_KIND: &str = "kept";
+
+/// A stream message of kept records: the snapshot of the rules that
+/// planned them (every replica can then plan them again, whatever its own
+/// rules), then each record's payload (`SettledEvent::encode`); each part
+/// a u32 length (little-endian) and its bytes.
+fn stream_message(rules: &[u8], records: &[Arc<SettledEvent>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rules.len() + records.len() * 256);
+    out.extend_from_slice(&(rules.len() as u32).to_le_bytes());
+    out.extend_from_slice(rules);
+    let mut payload = Vec::with_capacity(512);
+    for r in records {
+        payload.clear();
+        r.encode(&mut payload);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&payload);
+    }
+    out
+}
+
+/// `stream_message`'s records back, their rules now known to `book`;
+/// `None` if the bytes are not such a message.
+fn read_stream_message(mut b: &[u8], book: &RulesBook) -> Option<Vec<SettledEvent>> {
+    let mut part = || -> Option<Option<&[u8]>> {
+        if b.is_empty() {
+            return Some(None);
+        }
+        let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+        let p = b.get(4..4 + n)?;
+        b = &b[4 + n..];
+        Some(Some(p))
+    };
+    book.remember(part()??)?;
+    let mut out = Vec::new();
+    while let Some(p) = part()? {
+        out.push(SettledEvent::decode(p)?);
+    }
+    Some(out)
 }
 
 /// One message to publish: records to the stream, or one record to the
 /// exchange.
 enum Out {
-    Stream(Vec<Arc<EventRecord>>),
-    Exchange(Arc<EventRecord>),
+    Stream(Vec<Arc<SettledEvent>>),
+    Exchange(Arc<SettledEvent>),
 }
 
 impl BrokerStore {
@@ -173,6 +220,7 @@ impl BrokerStore {
         dir: &Path,
         opts: BrokerStoreOptions,
         metrics: Metrics,
+        book: Arc<RulesBook>,
     ) -> Result<BrokerStore, FateError> {
         match std::fs::remove_dir_all(dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -180,7 +228,7 @@ impl BrokerStore {
             }
             _ => {}
         }
-        let local = DiskStore::open(dir, opts.store, metrics.clone())?;
+        let local = DiskStore::open(dir, opts.store, metrics.clone(), book.clone())?;
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
         let store = BrokerStore {
             inner: Arc::new(Inner {
@@ -192,6 +240,8 @@ impl BrokerStore {
                 metrics,
                 tx: Mutex::new(Some(tx)),
                 unpublished: Mutex::new(HashMap::new()),
+                rules_snapshot: book.current().snapshot(),
+                book,
                 declared: OnceCell::new(),
                 reader: Mutex::new(Reader::default()),
                 publisher: Mutex::new(None),
@@ -208,7 +258,11 @@ impl BrokerStore {
 
     /// Whether `record` is still within the retention (by when it settled).
     fn fresh(&self, record: &EventRecord) -> bool {
-        let at = record.settled_at_ms.unwrap_or(record.accepted_at_ms);
+        self.fresh_at(record.settled_at_ms.unwrap_or(record.accepted_at_ms))
+    }
+
+    /// Whether a record of an event settled at `at` (unix ms) is kept.
+    fn fresh_at(&self, at: u64) -> bool {
         at.saturating_add(self.inner.opts.retention_ms()) >= unix_ms()
     }
 
@@ -276,15 +330,16 @@ impl BrokerStore {
 
     /// Event `id`'s record in the local copy or not yet confirmed, if fresh.
     async fn local_get(&self, id: &str) -> Result<Option<EventRecord>, FateError> {
-        if let Some(r) = self.inner.unpublished.lock().get(id) {
-            return Ok(Some((**r).clone()));
+        let unpublished = self.inner.unpublished.lock().get(id).cloned();
+        if let Some(r) = unpublished {
+            return Ok(r.record(&self.inner.book));
         }
         Ok(self.inner.local.get(id).await?.filter(|r| self.fresh(r)))
     }
 
     /// Publishes what the buffer holds, a group at a time, until it is
     /// closed and empty.
-    async fn publish_loop(self, mut rx: mpsc::Receiver<Arc<EventRecord>>) {
+    async fn publish_loop(self, mut rx: mpsc::Receiver<Arc<SettledEvent>>) {
         let mut taken = Vec::with_capacity(PUBLISH_GROUP);
         let mut failing = false;
         loop {
@@ -358,16 +413,20 @@ impl BrokerStore {
     async fn publish_one(&self, out: &Out) -> Result<(), BrokerError> {
         let link = &self.inner.link;
         match (&self.inner.exchange, out) {
-            (Some(exchange), Out::Exchange(r)) => {
+            (Some(exchange), Out::Exchange(kept)) => {
+                let Some(r) = kept.record(&self.inner.book) else {
+                    // Its body no longer makes an event: it has no record.
+                    return Ok(());
+                };
                 let key = match r.status {
                     Status::DeadLettered => "event.dead_lettered",
                     Status::Settled | Status::Pending => "event.settled",
                 };
                 let props = BasicProperties::default()
-                    .with_message_id(ShortString::from(callbacks::message_id(r)))
+                    .with_message_id(ShortString::from(callbacks::message_id(&r)))
                     .with_content_type(ShortString::from("application/json"));
                 match link
-                    .publish(exchange, key, &callbacks::body(r), props)
+                    .publish(exchange, key, &callbacks::body(&r), props)
                     .await
                 {
                     // Nobody bound a queue yet: nothing to deliver to.
@@ -377,14 +436,12 @@ impl BrokerStore {
             }
             (None, Out::Exchange(_)) => Ok(()),
             (_, Out::Stream(records)) => {
-                let all: Vec<&EventRecord> = records.iter().map(|r| &**r).collect();
-                let body = serde_json::to_vec(&all)
-                    .map_err(|_| BrokerError::Refused("a record that cannot be serialised"))?;
+                let body = stream_message(&self.inner.rules_snapshot, records);
                 let props = BasicProperties::default()
-                    .with_content_type(ShortString::from("application/json"))
+                    .with_content_type(ShortString::from("application/octet-stream"))
                     .with_headers(table(&[(
                         KIND_HEADER,
-                        AMQPValue::LongString(LongString::from("records")),
+                        AMQPValue::LongString(LongString::from(KEPT_KIND)),
                     )]));
                 link.publish("", &self.inner.stream, &body, props).await
             }
@@ -392,7 +449,7 @@ impl BrokerStore {
     }
 
     /// The record is on the stream: the reader answers for it from now on.
-    fn confirmed(&self, record: &Arc<EventRecord>) {
+    fn confirmed(&self, record: &Arc<SettledEvent>) {
         let mut u = self.inner.unpublished.lock();
         if u.get(record.id.as_str())
             .is_some_and(|r| Arc::ptr_eq(r, record))
@@ -402,7 +459,7 @@ impl BrokerStore {
     }
 
     /// Shutdown gave up: everything held is dropped and counted.
-    fn drop_all(&self, group: Vec<Out>, rx: &mut mpsc::Receiver<Arc<EventRecord>>) {
+    fn drop_all(&self, group: Vec<Out>, rx: &mut mpsc::Receiver<Arc<SettledEvent>>) {
         let mut n: usize = group
             .iter()
             .map(|o| match o {
@@ -493,13 +550,21 @@ impl BrokerStore {
             // Anything else is a cursor, or a message this version does not
             // know.
             let records = match header_str(&d, KIND_HEADER).as_deref() {
-                Some("records") => serde_json::from_slice::<Vec<EventRecord>>(&d.data),
-                Some("record") => serde_json::from_slice::<EventRecord>(&d.data).map(|r| vec![r]),
-                _ => Ok(Vec::new()),
+                Some(KEPT_KIND) => read_stream_message(&d.data, &self.inner.book),
+                Some("records" | "record") => {
+                    if !std::mem::replace(&mut self.inner.reader.lock().warned_old, true) {
+                        tracing::warn!(log = %self.inner.stream, "event records an earlier version wrote on the stream (whole JSON records) are not read by this one; they are not answered");
+                    }
+                    Some(Vec::new())
+                }
+                _ => Some(Vec::new()),
             };
             match records {
-                Ok(records) => {
-                    for record in records.into_iter().filter(|r| self.fresh(r)) {
+                Some(records) => {
+                    for record in records
+                        .into_iter()
+                        .filter(|r| self.fresh_at(r.settled_at_ms))
+                    {
                         self.inner.local.put(record);
                         copied += 1;
                         if copied.is_multiple_of(COPY_SYNC_EVERY) {
@@ -507,8 +572,8 @@ impl BrokerStore {
                         }
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(offset, error = %e, "unreadable event records on the stream skipped");
+                None => {
+                    tracing::warn!(offset, "unreadable event records on the stream skipped");
                 }
             }
             if let Some(token) = header_str(&d, TOKEN_HEADER) {
@@ -524,7 +589,7 @@ impl BrokerStore {
 }
 
 impl FateStore for BrokerStore {
-    fn put(&self, record: EventRecord) {
+    fn put(&self, record: SettledEvent) {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             inner.metrics.record_dropped(RecordDrop::Shutdown);
@@ -568,13 +633,12 @@ impl FateStore for BrokerStore {
     ) -> BoxFuture<'a, Result<Vec<EventRecord>, FateError>> {
         async move {
             self.sync().await?;
-            let mut out: Vec<EventRecord> = self
-                .inner
-                .unpublished
-                .lock()
-                .values()
-                .filter(|r| r.user_id == user_id)
-                .map(|r| (**r).clone())
+            let unpublished: Vec<Arc<SettledEvent>> =
+                self.inner.unpublished.lock().values().cloned().collect();
+            let mut out: Vec<EventRecord> = unpublished
+                .iter()
+                .filter(|r| r.user_id().as_deref() == Some(user_id))
+                .filter_map(|r| r.record(&self.inner.book))
                 .collect();
             let stored = self.inner.local.by_user(user_id, limit).await?;
             let pending: HashSet<String> = out.iter().map(|r| r.id.clone()).collect();
@@ -728,20 +792,70 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
-    use crate::domain::{Action, ChannelId, Source, UserId};
-    use crate::fate::RecordBuilder;
+    use crate::domain::Source;
+    use crate::fate::{ItemOutcome, Settled};
+    use crate::rules::{default_rules, RuleChannels, Rules};
 
-    fn record(id: &str, user: &str, settled_ms: u64) -> EventRecord {
-        let u = UserId::parse(user).unwrap();
-        let plan = vec![Action::Unsubscribe {
-            channel: ChannelId::parse("@TOA#_c").unwrap(),
-            user: u.clone(),
-        }];
-        RecordBuilder::new(id, Source::Amqp, "user.banned", u, settled_ms, plan).build(
-            Status::Settled,
-            Some(settled_ms),
-            None,
-        )
+    fn book() -> Arc<RulesBook> {
+        RulesBook::new(Arc::new(Rules::new(
+            default_rules(),
+            &RuleChannels::default(),
+        )))
+    }
+
+    /// A ban out of one channel, applied at `settled_ms`.
+    fn record(id: &str, user: &str, settled_ms: u64) -> SettledEvent {
+        SettledEvent {
+            id: id.into(),
+            source: Source::Amqp,
+            kind: "user.banned".into(),
+            accepted_at_ms: settled_ms,
+            settled_at_ms: settled_ms,
+            dead_lettered: false,
+            rules: book().current().fingerprint(),
+            body: format!(
+                r#"{{"type":"user.banned","data":{{"user_id":"{user}","channels":["@TOA#_c"]}}}}"#
+            )
+            .into_bytes(),
+            plan: None,
+            outcomes: vec![(
+                0,
+                ItemOutcome {
+                    result: Settled::Applied,
+                    error_code: 0,
+                    error_info: None,
+                    at_unix_ms: settled_ms,
+                    attempts: 1,
+                },
+            )],
+        }
+    }
+
+    #[test]
+    fn a_stream_message_carries_its_rules_and_records() {
+        let mut no_follows = default_rules();
+        no_follows.get_mut("user.banned").unwrap().unfollow = false;
+        let theirs = Rules::new(no_follows, &RuleChannels::default());
+        let records: Vec<Arc<SettledEvent>> = (0..3)
+            .map(|i| {
+                let mut r = record(&format!("e{i}"), "alice", 1_000 + i);
+                r.rules = theirs.fingerprint();
+                Arc::new(r)
+            })
+            .collect();
+        let msg = stream_message(&theirs.snapshot(), &records);
+        // A replica with other rules learns theirs from the message.
+        let mine = book();
+        assert!(mine.get(theirs.fingerprint()).is_none());
+        let back = read_stream_message(&msg, &mine).unwrap();
+        assert_eq!(
+            back,
+            records.iter().map(|r| (**r).clone()).collect::<Vec<_>>()
+        );
+        assert!(mine.get(theirs.fingerprint()).is_some());
+        assert_eq!(back[2].record(&mine).unwrap().actions.len(), 1);
+        assert!(read_stream_message(&msg[..msg.len() - 1], &mine).is_none());
+        assert!(read_stream_message(b"", &mine).is_none());
     }
 
     fn dropped(metrics: &Metrics, reason: &str) -> u64 {
@@ -770,7 +884,8 @@ mod tests {
             },
             exchange: String::new(),
         };
-        let store = BrokerStore::open(link, &dir.join(LOCAL_DIR), opts, metrics.clone()).unwrap();
+        let store =
+            BrokerStore::open(link, &dir.join(LOCAL_DIR), opts, metrics.clone(), book()).unwrap();
         (store, metrics)
     }
 
@@ -814,8 +929,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = unreachable(dir.path(), Duration::from_secs(60));
         let now = unix_ms();
-        assert!(store.fresh(&record("new", "u", now - 59_000)));
-        assert!(!store.fresh(&record("old", "u", now - 61_000)));
+        assert!(store.fresh_at(record("new", "u", now - 59_000).settled_at_ms));
+        assert!(!store.fresh_at(record("old", "u", now - 61_000).settled_at_ms));
         store.inner.stop.cancel();
     }
 }

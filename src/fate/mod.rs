@@ -7,14 +7,17 @@
 //! in flight (`InFlight`), and the signed completion callbacks that carry
 //! each record to the app (`callbacks`).
 //!
-//! A record is written once, when its event settles; until then the
-//! pipeline answers for it from memory. Writing is handed to the store's
+//! A record is written once, when its event settles, in the compact form
+//! `kept` describes (body, rules fingerprint, packed outcomes), and made
+//! into an `EventRecord` only when read; until it settles the pipeline
+//! answers for it from memory. Writing is handed to the store's
 //! own writer and never waits on the disk, so the clean-up is never slowed
 //! by it: a store that cannot keep up drops records and counts them.
 
 pub mod broker;
 pub mod callbacks;
 pub mod disk;
+pub mod kept;
 pub mod record;
 pub mod recorder;
 
@@ -22,6 +25,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use kept::{RulesBook, SettledEvent};
 pub use record::{
     ActionRecord, ActionResult, Counts, DeadLetteredAccount, EventRecord, ItemOutcome, LastCall,
     RecordBuilder, Settled, Status, WaitingFor,
@@ -76,10 +80,10 @@ pub struct Absent {
 
 /// Where settled events' records are kept.
 pub trait FateStore: Send + Sync + 'static {
-    /// Hands a settled event's record to the writer and returns at once.
-    /// If the writer is too far behind, the record is dropped and counted
+    /// Hands a settled event to the writer and returns at once. If the
+    /// writer is too far behind, it is dropped and counted
     /// (`chat_janitor_records_dropped_total`), never waited for.
-    fn put(&self, record: EventRecord);
+    fn put(&self, event: SettledEvent);
 
     /// The newest record of event `id` that has not expired.
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<EventRecord>, FateError>>;

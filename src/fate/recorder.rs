@@ -1,6 +1,7 @@
 //! Turns what the pipeline kept of an event (a few bytes per action: how it
 //! settled, when, the vendor's code) and what its inbox holds (its id and
-//! body) into its record. The plan is not kept in memory while the event is
+//! body) into its record while it is pending, and into what the store
+//! keeps (`SettledEvent`) once it settled. The plan is not kept in memory while the event is
 //! in flight: it is made again from the body, with the same rules that made
 //! it (a rule is a pure function of the event), except for plans that are
 //! not (a replayed dead letter's single action, or a plan that read
@@ -9,7 +10,7 @@
 use std::sync::Arc;
 
 use super::record::{EventRecord, ItemOutcome, RecordBuilder, Status, WaitingFor};
-use super::FateStore;
+use super::{FateStore, SettledEvent};
 use crate::domain::{Action, HeldEvent};
 use crate::event::Event;
 use crate::rules::Rules;
@@ -64,8 +65,30 @@ impl Recorder {
         Some(b.build(status, settled_at_ms, waiting_for))
     }
 
-    /// Hands a settled event's record to the store (never waits).
-    pub fn put(&self, record: EventRecord) {
-        self.store.put(record);
+    /// Hands a settled event to the store (never waits): what is kept of
+    /// it, not its record, which is made on read (see `kept`).
+    pub fn settled(&self, d: Draft<'_>, dead_lettered: bool, settled_at_ms: u64) {
+        let Draft {
+            held,
+            kind,
+            accepted_at_ms,
+            plan,
+            outcomes,
+        } = d;
+        self.store.put(SettledEvent {
+            id: held.id.clone(),
+            source: held.source,
+            kind: kind.into(),
+            accepted_at_ms,
+            settled_at_ms,
+            dead_lettered,
+            rules: self.rules.fingerprint(),
+            body: held.body.clone(),
+            plan: plan.map(<[Action]>::to_vec),
+            outcomes: outcomes
+                .into_iter()
+                .map(|(i, o)| (u32::try_from(i).unwrap_or(u32::MAX), o))
+                .collect(),
+        });
     }
 }

@@ -12,7 +12,10 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use chat_janitor::domain::clock::unix_ms;
 use chat_janitor::domain::{Action, DeadLetterReason, Source};
-use chat_janitor::fate::{EventRecord, ItemOutcome, RecordBuilder, Settled, Status};
+use std::sync::Arc;
+
+use chat_janitor::fate::{EventRecord, ItemOutcome, RulesBook, Settled, SettledEvent, Status};
+use chat_janitor::rules::{default_rules, RuleChannels, Rules};
 use hmac::{Hmac, Mac};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -35,7 +38,7 @@ fn ok(at: u64, result: Settled) -> ItemOutcome {
 
 /// An applied ban: two channels (one already left: a noop), two follows,
 /// one follower.
-fn ban(id: &str, user: &str) -> EventRecord {
+fn ban(id: &str, user: &str) -> SettledEvent {
     let u = uid(user);
     let plan = vec![
         Action::Unsubscribe {
@@ -60,17 +63,64 @@ fn ban(id: &str, user: &str) -> EventRecord {
         },
     ];
     let t0 = unix_ms();
-    let mut b = RecordBuilder::new(id, Source::Webhook, "user.banned", u, t0, plan);
-    b.outcome(0, ok(t0 + 210, Settled::Applied));
-    b.outcome(1, ok(t0 + 211, Settled::Noop));
-    b.outcome(2, ok(t0 + 220, Settled::Applied));
-    b.outcome(3, ok(t0 + 220, Settled::Applied));
-    b.outcome(4, ok(t0 + 230, Settled::Applied));
-    b.build(Status::Settled, Some(t0 + 230), None)
+    kept(
+        (id, Source::Webhook, "user.banned", u.as_str()),
+        t0,
+        plan,
+        vec![
+            ok(t0 + 210, Settled::Applied),
+            ok(t0 + 211, Settled::Noop),
+            ok(t0 + 220, Settled::Applied),
+            ok(t0 + 220, Settled::Applied),
+            ok(t0 + 230, Settled::Applied),
+        ],
+    )
+}
+
+/// A settled event as the pipeline hands it to the store: its body, the
+/// plan kept (so these records do not depend on the rules), and how each
+/// item settled, in plan order.
+fn kept(
+    (id, source, kind, user): (&str, Source, &str, &str),
+    accepted_at_ms: u64,
+    plan: Vec<Action>,
+    outcomes: Vec<ItemOutcome>,
+) -> SettledEvent {
+    SettledEvent {
+        id: id.into(),
+        source,
+        kind: kind.into(),
+        accepted_at_ms,
+        settled_at_ms: outcomes
+            .iter()
+            .map(|o| o.at_unix_ms)
+            .max()
+            .unwrap_or(accepted_at_ms),
+        dead_lettered: outcomes
+            .iter()
+            .any(|o| matches!(o.result, Settled::DeadLettered(_))),
+        rules: 0,
+        body: json!({"type": kind, "data": {"user_id": user}})
+            .to_string()
+            .into_bytes(),
+        plan: Some(plan),
+        outcomes: outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| (i as u32, o))
+            .collect(),
+    }
+}
+
+/// The record the routes answer for `e`.
+fn rec(e: &SettledEvent) -> EventRecord {
+    let rules = Rules::new(default_rules(), &RuleChannels::default());
+    e.record(&RulesBook::new(Arc::new(rules)))
+        .expect("a kept plan makes a record")
 }
 
 /// A deletion of which the vendor refused one follow (20001).
-fn refused(id: &str, user: &str) -> EventRecord {
+fn refused(id: &str, user: &str) -> SettledEvent {
     let u = uid(user);
     let plan = vec![
         Action::Unfollow {
@@ -83,19 +133,21 @@ fn refused(id: &str, user: &str) -> EventRecord {
         },
     ];
     let t0 = unix_ms();
-    let mut b = RecordBuilder::new(id, Source::Amqp, "account.deleted", u, t0, plan);
-    b.outcome(0, ok(t0 + 5, Settled::Applied));
-    b.outcome(
-        1,
-        ItemOutcome {
-            result: Settled::DeadLettered(DeadLetterReason::BadRequest),
-            error_code: 20001,
-            error_info: Some("invalid To_Account".into()),
-            at_unix_ms: t0 + 9,
-            attempts: 3,
-        },
-    );
-    b.build(Status::DeadLettered, Some(t0 + 9), None)
+    kept(
+        (id, Source::Amqp, "account.deleted", u.as_str()),
+        t0,
+        plan,
+        vec![
+            ok(t0 + 5, Settled::Applied),
+            ItemOutcome {
+                result: Settled::DeadLettered(DeadLetterReason::BadRequest),
+                error_code: 20001,
+                error_info: Some("invalid To_Account".into()),
+                at_unix_ms: t0 + 9,
+                attempts: 3,
+            },
+        ],
+    )
 }
 
 async fn get(app: &TestApp, path: &str, token: Option<&str>) -> (u16, String, Value) {
@@ -140,7 +192,7 @@ async fn settled_records_are_answered_by_id_and_by_user_behind_either_token() {
 
     let (code, _, body) = get(&app, "/v1/events/msg_ban", Some(ADMIN_TOKEN)).await;
     assert_eq!(code, 200);
-    assert_eq!(body, serde_json::to_value(&first).unwrap());
+    assert_eq!(body, serde_json::to_value(rec(&first)).unwrap());
     // Every channel and follow, each applied or noop with its call time.
     let actions = body["actions"].as_array().unwrap();
     let summary: Vec<(&str, &str, &str)> = actions
@@ -282,7 +334,7 @@ async fn the_status_command_prints_a_record_or_says_there_is_none() {
     let out = status(args("msg_del", ADMIN_TOKEN, true)).await;
     assert_eq!(out.status.code(), Some(0));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v, serde_json::to_value(&record).unwrap());
+    assert_eq!(v, serde_json::to_value(rec(&record)).unwrap());
     let out = status(args("msg_never", ADMIN_TOKEN, false)).await;
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8(out.stderr).unwrap();
@@ -432,7 +484,7 @@ async fn callbacks_reach_a_receiver_that_was_down_each_verified_and_one_id_per_r
     let port = free_port();
     let app = spawn(dir.path(), &up, |s| callbacks_on(s, port)).await;
     let store = app.fate.clone().unwrap();
-    let mut records: Vec<EventRecord> = (0..20)
+    let mut records: Vec<SettledEvent> = (0..20)
         .map(|i| {
             if i % 5 == 4 {
                 refused(&format!("msg_{i}"), &format!("u{i}"))
@@ -492,7 +544,7 @@ async fn callbacks_reach_a_receiver_that_was_down_each_verified_and_one_id_per_r
 
     let got = seen.got.lock().clone();
     assert!(got.iter().all(|g| g.verified), "every callback verifies");
-    for r in &records {
+    for r in records.iter().map(rec) {
         let copies: Vec<&Got> = got
             .iter()
             .filter(|g| g.body["data"]["id"] == r.id.as_str())
@@ -510,7 +562,7 @@ async fn callbacks_reach_a_receiver_that_was_down_each_verified_and_one_id_per_r
                 "one id per record"
             );
             assert_eq!(c.body["type"], format!("event.{outcome}"));
-            assert_eq!(c.body["data"], serde_json::to_value(r).unwrap());
+            assert_eq!(c.body["data"], serde_json::to_value(&r).unwrap());
             assert_eq!(c.body["timestamp"], c.body["data"]["settled_at"]);
         }
     }
@@ -600,7 +652,7 @@ async fn a_receiver_down_past_max_age_gets_a_callback_expired_dead_letter() {
     assert_eq!(dl["event_id"], "msg_lost");
     assert_eq!(dl["event_type"], "account.deleted");
     assert_eq!(dl["action"], Value::Null);
-    assert_eq!(dl["event"], serde_json::to_value(&record).unwrap());
+    assert_eq!(dl["event"], serde_json::to_value(rec(&record)).unwrap());
     let detail = dl["detail"].as_str().unwrap();
     assert!(
         detail.contains("fate_msg_lost_dead_lettered") && detail.contains("cannot connect"),

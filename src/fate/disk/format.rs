@@ -3,14 +3,17 @@
 //! A data file `<id>.rec` is a 32-byte header (magic, file id, creation
 //! time, checksum) and then records, each `len u32 | crc32 u32 | at_ms u64
 //! | id fingerprint u128 | user fingerprint u128 | payload`, `len` counting
-//! what follows the checksum and the checksum covering it. The payload is the
-//! record's JSON as it is (files written before 2026-12 hold it deflated;
-//! they are still read). A record is written once and read rarely, and
-//! deflating a few hundred bytes at a time cost the writer about 180 µs a
-//! record with a compressor made for each (three times an event's whole
-//! way from intake to settle) and about 37 µs with one reused; the disk it
-//! saves is bounded by `max_bytes` anyway. The fingerprints let an index be rebuilt from
-//! the data alone, without inflating anything. Whatever follows the last
+//! what follows the checksum and the checksum covering it. The payload is
+//! what `kept` keeps of the settled event (its body, rules fingerprint and
+//! packed outcomes), made into a record on read. Files written earlier hold
+//! the record's JSON, plain or deflated, and are still read. A record is
+//! written once and read rarely: deflating a few hundred bytes at a time
+//! cost the writer about 180 µs a record with a compressor made for each
+//! (three times an event's whole way from intake to settle) and about 37
+//! µs with one reused, and building the whole JSON record at every settle
+//! about a third of that way; the disk the kept form costs is bounded by
+//! `max_bytes` anyway. The fingerprints let an index be rebuilt from the
+//! data alone, without decoding any payload. Whatever follows the last
 //! record that checks out (a torn write at a crash) is not a record.
 //!
 //! An index `<id>.idx`, written once its data file is sealed, is a 64-byte
@@ -30,6 +33,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::read::DeflateDecoder;
 
+use crate::fate::kept::{RulesBook, SettledEvent};
 use crate::fate::record::EventRecord;
 use crate::inbox::journal::dedupe::{Bloom, Fp};
 
@@ -95,14 +99,14 @@ fn u128_at(b: &[u8], at: usize) -> u128 {
     u128::from_le_bytes(b[at..at + 16].try_into().expect("16"))
 }
 
-/// A record's payload: its JSON.
-pub fn payload(record: &EventRecord) -> Vec<u8> {
-    serde_json::to_vec(record).expect("records serialize")
-}
-
-/// A payload back into a record: JSON, or (files written before 2026-12)
-/// deflated JSON; `None` if it is neither.
-pub fn decompress(payload: &[u8]) -> Option<EventRecord> {
+/// A payload back into a record: a kept settled event (`kept`), made into
+/// its record with `book`'s rules; or, as files written before the kept
+/// form hold, the record's JSON, plain or deflated. `None` if it is none of
+/// these.
+pub fn record_of(payload: &[u8], book: &RulesBook) -> Option<EventRecord> {
+    if SettledEvent::is_kept(payload) {
+        return SettledEvent::decode(payload)?.record(book);
+    }
     if payload.first() == Some(&b'{') {
         if let Ok(r) = serde_json::from_slice(payload) {
             return Some(r);

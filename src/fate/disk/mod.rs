@@ -31,7 +31,10 @@ use futures_util::FutureExt;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
-use super::{Absent, CallbackCursor, EventRecord, FateError, FateStore, Position, StoreStats};
+use super::{
+    Absent, CallbackCursor, EventRecord, FateError, FateStore, Position, RulesBook, SettledEvent,
+    StoreStats,
+};
 use crate::domain::clock::unix_ms;
 use crate::domain::RecordDrop;
 use crate::inbox::journal::dedupe::{fingerprint, Fp};
@@ -159,7 +162,9 @@ pub(super) struct Shared {
     open: RwLock<Option<Arc<OpenFile>>>,
     /// Records handed over and not yet durable, so a lookup finds an event
     /// the moment it settled.
-    unwritten: Mutex<HashMap<Box<str>, Arc<EventRecord>>>,
+    unwritten: Mutex<HashMap<Box<str>, Arc<SettledEvent>>>,
+    /// The rules records are planned again with on read.
+    book: Arc<RulesBook>,
     /// The callbacks' cursor, as last stored.
     cursor: Mutex<Option<CallbackCursor>>,
 }
@@ -172,7 +177,7 @@ impl Shared {
 
     /// Forgets `record` as unwritten (it was written, or dropped), unless a
     /// newer record of the same event replaced it meanwhile.
-    fn written(&self, record: &Arc<EventRecord>) {
+    fn written(&self, record: &Arc<SettledEvent>) {
         let mut u = self.unwritten.lock();
         if u.get(record.id.as_str())
             .is_some_and(|r| Arc::ptr_eq(r, record))
@@ -219,6 +224,7 @@ fn read_matching(
     offset: u64,
     end: u64,
     cutoff: u64,
+    book: &RulesBook,
     want: impl Fn(&EventRecord) -> bool,
 ) -> io::Result<Option<EventRecord>> {
     let Some((head, payload)) = format::read_at(file, offset, end)? else {
@@ -227,16 +233,23 @@ fn read_matching(
     if head.at_ms < cutoff {
         return Ok(None);
     }
-    Ok(format::decompress(&payload).filter(|r| want(r)))
+    Ok(format::record_of(&payload, book).filter(|r| want(r)))
 }
 
 impl DiskStore {
     /// Opens (or creates) the store in `dir` and starts its writer. A file
     /// that cannot be read is set aside (renamed `*.bad`) rather than
     /// stopping the service: records are an account of the work, not the
-    /// work.
-    pub fn open(dir: &Path, opts: StoreOptions, metrics: Metrics) -> Result<DiskStore, FateError> {
+    /// work. `book`'s current rules are kept there (`RulesBook::keep_in`)
+    /// before any record planned with them.
+    pub fn open(
+        dir: &Path,
+        opts: StoreOptions,
+        metrics: Metrics,
+        book: Arc<RulesBook>,
+    ) -> Result<DiskStore, FateError> {
         std::fs::create_dir_all(dir).map_err(|e| storage(dir, &e))?;
+        book.keep_in(dir).map_err(|e| storage(dir, &e))?;
         let (sealed, next_id) = recover(dir).map_err(|e| storage(dir, &e))?;
         let last = sealed
             .values()
@@ -253,6 +266,7 @@ impl DiskStore {
             sealed: RwLock::new(sealed),
             open: RwLock::new(None),
             unwritten: Mutex::new(HashMap::new()),
+            book,
             cursor: Mutex::new(cursor),
         });
         let (written_tx, written) = watch::channel(last);
@@ -315,7 +329,7 @@ fn storage(path: &Path, e: &io::Error) -> FateError {
 }
 
 impl FateStore for DiskStore {
-    fn put(&self, record: EventRecord) {
+    fn put(&self, record: SettledEvent) {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
             // The service closes the store only once the pipeline drained.
@@ -343,8 +357,9 @@ impl FateStore for DiskStore {
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<EventRecord>, FateError>> {
         let id = id.to_owned();
         async move {
-            if let Some(r) = self.inner.shared.unwritten.lock().get(id.as_str()) {
-                return Ok(Some((**r).clone()));
+            let unwritten = self.inner.shared.unwritten.lock().get(id.as_str()).cloned();
+            if let Some(r) = unwritten {
+                return Ok(r.record(&self.inner.shared.book));
             }
             self.blocking(move |s| get_blocking(s, &id)).await
         }
@@ -358,14 +373,19 @@ impl FateStore for DiskStore {
     ) -> BoxFuture<'a, Result<Vec<EventRecord>, FateError>> {
         let user = user_id.to_owned();
         async move {
-            let mut out: Vec<EventRecord> = self
+            let unwritten: Vec<Arc<SettledEvent>> = self
                 .inner
                 .shared
                 .unwritten
                 .lock()
                 .values()
-                .filter(|r| r.user_id == user)
-                .map(|r| (**r).clone())
+                .cloned()
+                .collect();
+            let book = &self.inner.shared.book;
+            let mut out: Vec<EventRecord> = unwritten
+                .iter()
+                .filter(|r| r.user_id().as_deref() == Some(user.as_str()))
+                .filter_map(|r| r.record(book))
                 .collect();
             out.sort_by_key(|r| std::cmp::Reverse(r.settled_at_ms));
             out.truncate(limit);
@@ -444,7 +464,7 @@ fn get_blocking(s: &Shared, id: &str) -> io::Result<Option<EventRecord>> {
         let end = o.end.load(Ordering::Acquire);
         let offsets = matching(&o.entries.read(), Key::Id, fp);
         for off in offsets.into_iter().rev() {
-            if let Some(r) = read_matching(&o.file, off, end, cutoff, want)? {
+            if let Some(r) = read_matching(&o.file, off, end, cutoff, &s.book, want)? {
                 return Ok(Some(r));
             }
         }
@@ -456,7 +476,7 @@ fn get_blocking(s: &Shared, id: &str) -> io::Result<Option<EventRecord>> {
             break;
         }
         for off in f.lookup.find(Key::Id, fp)?.into_iter().rev() {
-            if let Some(r) = read_matching(&f.file, off, summary.data_end, cutoff, want)? {
+            if let Some(r) = read_matching(&f.file, off, summary.data_end, cutoff, &s.book, want)? {
                 return Ok(Some(r));
             }
         }
@@ -487,7 +507,7 @@ fn by_user_blocking(
             if out.len() >= limit {
                 return Ok(out);
             }
-            if let Some(r) = read_matching(&o.file, off, end, cutoff, want)? {
+            if let Some(r) = read_matching(&o.file, off, end, cutoff, &s.book, want)? {
                 push(r, &mut out);
             }
         }
@@ -501,7 +521,7 @@ fn by_user_blocking(
             if out.len() >= limit {
                 return Ok(out);
             }
-            if let Some(r) = read_matching(&f.file, off, summary.data_end, cutoff, want)? {
+            if let Some(r) = read_matching(&f.file, off, summary.data_end, cutoff, &s.book, want)? {
                 push(r, &mut out);
             }
         }
@@ -555,7 +575,7 @@ fn read_after_blocking(
                 segment: id,
                 offset,
             };
-            match format::decompress(payload) {
+            match format::record_of(payload, &s.book) {
                 Some(r) => out.push((at, r)),
                 None => tracing::warn!(?at, "an unreadable event record skipped"),
             }

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use super::*;
-use crate::domain::{Action, ChannelId, Source, UserId};
-use crate::fate::{RecordBuilder, Status};
+use crate::domain::Source;
+use crate::fate::{ItemOutcome, Settled, Status};
+use crate::rules::{default_rules, RuleChannels, Rules};
 
 fn opts() -> StoreOptions {
     StoreOptions {
@@ -19,21 +20,56 @@ fn metrics() -> Metrics {
     Metrics::new(["user.banned"])
 }
 
-/// A settled ban of `user` out of `channels` channels.
-fn record(id: &str, user: &str, channels: usize) -> EventRecord {
-    let u = UserId::parse(user).unwrap();
-    let plan = (0..channels)
-        .map(|i| Action::Unsubscribe {
-            channel: ChannelId::parse(format!("@TOA#_c{i}")).unwrap(),
-            user: u.clone(),
-        })
-        .collect();
-    let now = unix_ms();
-    RecordBuilder::new(id, Source::Webhook, "user.banned", u, now, plan).build(
-        Status::Settled,
-        Some(now),
-        None,
+/// The rules every store here plans its records with.
+fn book() -> Arc<RulesBook> {
+    RulesBook::new(Arc::new(Rules::new(
+        default_rules(),
+        &RuleChannels::default(),
+    )))
+}
+
+/// A ban of `user` out of `channels` channels, settled now, each applied.
+fn record(id: &str, user: &str, channels: usize) -> SettledEvent {
+    ban(
+        id,
+        user,
+        (0..channels).map(|i| format!("@TOA#_c{i}")).collect(),
     )
+}
+
+fn ban(id: &str, user: &str, channels: Vec<String>) -> SettledEvent {
+    let now = unix_ms();
+    let n = channels.len();
+    SettledEvent {
+        id: id.into(),
+        source: Source::Webhook,
+        kind: "user.banned".into(),
+        accepted_at_ms: now,
+        settled_at_ms: now,
+        dead_lettered: false,
+        rules: book().current().fingerprint(),
+        body: serde_json::json!({
+            "type": "user.banned",
+            "data": {"user_id": user, "channels": channels}
+        })
+        .to_string()
+        .into_bytes(),
+        plan: None,
+        outcomes: (0..n as u32)
+            .map(|i| {
+                (
+                    i,
+                    ItemOutcome {
+                        result: Settled::Applied,
+                        error_code: 0,
+                        error_info: None,
+                        at_unix_ms: now,
+                        attempts: 1,
+                    },
+                )
+            })
+            .collect(),
+    }
 }
 
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -60,16 +96,17 @@ fn files(dir: &Path, ext: &str) -> Vec<PathBuf> {
 #[tokio::test]
 async fn put_get_and_by_user_newest_first() {
     let dir = tempfile::tempdir().unwrap();
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     let a = record("e1", "alice", 2);
     store.put(a.clone());
     // Found at once, before the writer has written it.
-    assert_eq!(store.get("e1").await.unwrap(), Some(a.clone()));
+    assert_eq!(store.get("e1").await.unwrap(), a.record(&book()));
+    assert_eq!(store.get("e1").await.unwrap().unwrap().actions.len(), 2);
     store.sync().await;
     store.put(record("e2", "bob", 1));
     store.put(record("e3", "alice", 3));
     store.sync().await;
-    assert_eq!(store.get("e1").await.unwrap(), Some(a));
+    assert_eq!(store.get("e1").await.unwrap(), a.record(&book()));
     assert_eq!(store.get("e3").await.unwrap().unwrap().actions.len(), 3);
     assert_eq!(store.get("nope").await.unwrap(), None);
     let ids = |v: Vec<EventRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
@@ -79,7 +116,7 @@ async fn put_get_and_by_user_newest_first() {
     assert!(store.by_user("carol", 10).await.unwrap().is_empty());
     // A record rewritten (its event replayed) answers as the newest, once.
     let mut again = record("e1", "alice", 2);
-    again.status = Status::DeadLettered;
+    again.dead_lettered = true;
     store.put(again);
     store.sync().await;
     assert_eq!(
@@ -95,14 +132,14 @@ async fn put_get_and_by_user_newest_first() {
 #[tokio::test]
 async fn records_survive_a_reopen_and_writing_goes_on_in_a_new_file() {
     let dir = tempfile::tempdir().unwrap();
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     for i in 0..100 {
         store.put(record(&format!("e{i}"), &format!("u{}", i % 7), 2));
     }
     store.close().await;
     assert_eq!(files(dir.path(), "rec").len(), 1);
     assert_eq!(files(dir.path(), "idx").len(), 1, "sealed on close");
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     for i in 0..100 {
         let r = store.get(&format!("e{i}")).await.unwrap().unwrap();
         assert_eq!(r.user_id, format!("u{}", i % 7));
@@ -125,7 +162,7 @@ async fn records_survive_a_reopen_and_writing_goes_on_in_a_new_file() {
 #[tokio::test]
 async fn after_a_crash_the_torn_tail_is_cut_and_every_whole_record_is_found() {
     let dir = tempfile::tempdir().unwrap();
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     for i in 0..10 {
         store.put(record(&format!("e{i}"), "alice", 1));
     }
@@ -150,7 +187,7 @@ async fn after_a_crash_the_torn_tail_is_cut_and_every_whole_record_is_found() {
     let f = OpenOptions::new().append(true).open(&data[0]).unwrap();
     std::io::Write::write_all(&mut &f, &torn[..300]).unwrap();
     drop(f);
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     assert_eq!(std::fs::metadata(&data[0]).unwrap().len(), whole);
     assert_eq!(files(dir.path(), "idx").len(), 1, "indexed on open");
     for i in 0..10 {
@@ -167,7 +204,7 @@ async fn records_expire_after_the_retention_and_their_files_go() {
         retention: Duration::from_secs(2),
         ..opts()
     };
-    let store = DiskStore::open(dir.path(), short, metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), short, metrics(), book()).unwrap();
     store.put(record("old", "alice", 1));
     store.sync().await;
     assert!(store.get("old").await.unwrap().is_some());
@@ -200,7 +237,7 @@ async fn files_holding_undelivered_callbacks_wait_for_them_before_expiring() {
         retention: Duration::from_secs(1),
         ..opts()
     };
-    let store = DiskStore::open(dir.path(), short, metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), short, metrics(), book()).unwrap();
     store
         .save_cursor(Some(CallbackCursor { after: None }))
         .await
@@ -232,22 +269,14 @@ async fn the_oldest_files_go_when_the_store_is_over_its_bytes() {
         max_bytes: 512 << 10,
         ..opts()
     };
-    let store = DiskStore::open(dir.path(), small, metrics()).unwrap();
-    // Big records (about 5 KB each): 40 distinct random-looking channels.
+    let store = DiskStore::open(dir.path(), small, metrics(), book()).unwrap();
+    // Big records (about 1.6 KB each): 40 distinct random-looking
+    // channels.
     let big = |id: String| {
-        let u = UserId::parse("alice").unwrap();
-        let plan = (0..40)
-            .map(|_| Action::Unsubscribe {
-                channel: ChannelId::parse(format!("@TOA#_{:032x}", rand::random::<u128>()))
-                    .unwrap(),
-                user: u.clone(),
-            })
+        let channels = (0..40)
+            .map(|_| format!("@TOA#_{:032x}", rand::random::<u128>()))
             .collect();
-        RecordBuilder::new(&id, Source::Webhook, "user.banned", u, unix_ms(), plan).build(
-            Status::Settled,
-            Some(unix_ms()),
-            None,
-        )
+        ban(&id, "alice", channels)
     };
     for i in 0..1_500 {
         store.put(big(format!("e{i}")));
@@ -274,13 +303,13 @@ async fn the_oldest_files_go_when_the_store_is_over_its_bytes() {
 #[tokio::test]
 async fn callbacks_read_in_write_order_from_a_position_across_files_and_keep_their_cursor() {
     let dir = tempfile::tempdir().unwrap();
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     assert_eq!(store.cursor(), None);
     for i in 0..5 {
         store.put(record(&format!("a{i}"), "u", 1));
     }
     store.close().await;
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     for i in 0..5 {
         store.put(record(&format!("b{i}"), "u", 1));
     }
@@ -310,11 +339,11 @@ async fn callbacks_read_in_write_order_from_a_position_across_files_and_keep_the
     };
     store.save_cursor(Some(c)).await.unwrap();
     store.close().await;
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     assert_eq!(store.cursor(), Some(c));
     store.save_cursor(None).await.unwrap();
     store.close().await;
-    let store = DiskStore::open(dir.path(), opts(), metrics()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
     assert_eq!(store.cursor(), None);
     store.close().await;
 }
@@ -323,7 +352,7 @@ async fn callbacks_read_in_write_order_from_a_position_across_files_and_keep_the
 async fn a_full_queue_drops_and_counts_rather_than_waits() {
     let dir = tempfile::tempdir().unwrap();
     let m = metrics();
-    let store = DiskStore::open(dir.path(), opts(), m.clone()).unwrap();
+    let store = DiskStore::open(dir.path(), opts(), m.clone(), book()).unwrap();
     // As if the writer were far behind.
     store.inner.queued.store(MAX_QUEUED, Ordering::Release);
     store.put(record("lost", "u", 1));
@@ -343,20 +372,50 @@ async fn a_full_queue_drops_and_counts_rather_than_waits() {
         .contains("chat_janitor_records_dropped_total{reason=\"shutdown\"} 1"));
 }
 
-/// Record files written before payloads were plain JSON held them
-/// deflated: both read back.
+/// Record files written before the kept form hold the record's JSON, plain
+/// or deflated: both still read.
 #[test]
-fn payloads_are_json_and_deflated_ones_still_read() {
+fn kept_payloads_and_older_json_and_deflated_ones_all_read() {
     use std::io::Write as _;
-    let r = record("evt-legacy", "u-legacy", 3);
-    let plain = format::payload(&r);
-    assert_eq!(plain.first(), Some(&b'{'));
-    assert_eq!(format::decompress(&plain).unwrap().id, r.id);
+    let e = record("evt-legacy", "u-legacy", 3);
+    let mut kept = Vec::new();
+    e.encode(&mut kept);
+    let r = format::record_of(&kept, &book()).unwrap();
+    assert_eq!(r.id, e.id);
+    assert_eq!(r.actions.len(), 3);
+    let plain = serde_json::to_vec(&r).unwrap();
+    assert_eq!(format::record_of(&plain, &book()), Some(r.clone()));
     let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(&plain).unwrap();
     let deflated = enc.finish().unwrap();
-    let back = format::decompress(&deflated).unwrap();
-    assert_eq!(back.id, r.id);
-    assert_eq!(back.actions.len(), 3);
-    assert!(format::decompress(b"{not json and not deflate").is_none());
+    assert_eq!(format::record_of(&deflated, &book()), Some(r));
+    assert!(format::record_of(b"{not json and not deflate", &book()).is_none());
+}
+
+/// Records are planned again on read with the rules that planned them,
+/// though the service runs with other rules since.
+#[tokio::test]
+async fn a_record_reads_back_as_its_own_rules_planned_it_after_the_rules_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut no_follows = default_rules();
+    no_follows.get_mut("user.banned").unwrap().unfollow = false;
+    let old = RulesBook::new(Arc::new(Rules::new(no_follows, &RuleChannels::default())));
+    let store = DiskStore::open(dir.path(), opts(), metrics(), old.clone()).unwrap();
+    let mut e = record("e1", "alice", 2);
+    e.rules = old.current().fingerprint();
+    e.body = serde_json::json!({
+        "type": "user.banned",
+        "data": {"user_id": "alice", "channels": ["@TOA#_c0", "@TOA#_c1"], "following": ["bob"]}
+    })
+    .to_string()
+    .into_bytes();
+    let before = e.record(&old).unwrap();
+    assert_eq!(before.actions.len(), 2, "no unfollow under the old rules");
+    store.put(e);
+    store.close().await;
+
+    let store = DiskStore::open(dir.path(), opts(), metrics(), book()).unwrap();
+    assert_ne!(book().current().fingerprint(), old.current().fingerprint());
+    assert_eq!(store.get("e1").await.unwrap(), Some(before));
+    store.close().await;
 }

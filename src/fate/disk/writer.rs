@@ -25,12 +25,12 @@ use super::format::{self, Entry, Index, RecHead, Summary, HEADER_LEN, REC_HEAD};
 use super::{sync_dir, Lookup, OpenFile, Position, Sealed, Shared};
 use crate::domain::clock::unix_ms;
 use crate::domain::RecordDrop;
-use crate::fate::EventRecord;
+use crate::fate::SettledEvent;
 use crate::inbox::journal::dedupe::{fingerprint, Fp};
 use crate::telemetry::Metrics;
 
 pub(super) enum Cmd {
-    Put(Arc<EventRecord>),
+    Put(Arc<SettledEvent>),
     /// Answered once everything handed over before it was tried.
     Sync(oneshot::Sender<()>),
     /// Writes what is held, seals the open file and stops.
@@ -54,7 +54,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A record waiting to be written.
 struct Held {
-    record: Arc<EventRecord>,
+    record: Arc<SettledEvent>,
     fp_id: Fp,
     fp_user: Fp,
     payload: Vec<u8>,
@@ -174,11 +174,12 @@ impl Writer {
     }
 
     /// Serializes a record and queues it for the next write.
-    fn hold(&mut self, record: Arc<EventRecord>) {
-        let payload = format::payload(&record);
+    fn hold(&mut self, record: Arc<SettledEvent>) {
+        let mut payload = Vec::with_capacity(96 + record.body.len() + 40 * record.outcomes.len());
+        record.encode(&mut payload);
         self.held.push_back(Held {
             fp_id: fingerprint(&record.id),
-            fp_user: fingerprint(&record.user_id),
+            fp_user: fingerprint(&record.user_id().unwrap_or_default()),
             payload,
             record,
         });
