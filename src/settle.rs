@@ -13,7 +13,6 @@
 //! back through the receipt and plans it again.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -55,7 +54,8 @@ const OTHER_KIND: &str = "(other)";
 /// Records: where they go, and the events in flight by id fingerprint.
 struct Fate {
     recorder: Arc<Recorder>,
-    in_flight: DashMap<u64, Weak<Tracker>>,
+    /// By `fp64` of the id (already a hash: foldhash only mixes it).
+    in_flight: DashMap<u64, Weak<Tracker>, foldhash::fast::RandomState>,
 }
 
 impl Pending {
@@ -74,7 +74,7 @@ impl Pending {
             metrics,
             fate: recorder.map(|recorder| Fate {
                 recorder,
-                in_flight: DashMap::new(),
+                in_flight: DashMap::default(),
             }),
             kinds: Mutex::default(),
             epoch: Instant::now(),
@@ -146,11 +146,11 @@ impl Pending {
     }
 }
 
-/// A cheap 64-bit fingerprint (in-flight lookups check the id itself).
+/// A cheap 64-bit fingerprint (in-flight lookups check the id itself),
+/// fixed for the process's life.
 fn fp64(s: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x6a09_e667_f3bc_c908).hash_one(s)
 }
 
 /// What identifies an event for its record while it is in flight.

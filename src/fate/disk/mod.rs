@@ -162,7 +162,7 @@ pub(super) struct Shared {
     open: RwLock<Option<Arc<OpenFile>>>,
     /// Records handed over and not yet durable, so a lookup finds an event
     /// the moment it settled.
-    unwritten: Mutex<HashMap<Box<str>, Arc<SettledEvent>>>,
+    unwritten: Mutex<HashMap<Box<str>, Arc<SettledEvent>, foldhash::fast::RandomState>>,
     /// The rules records are planned again with on read.
     book: Arc<RulesBook>,
     /// The callbacks' cursor, as last stored.
@@ -265,7 +265,7 @@ impl DiskStore {
             opts,
             sealed: RwLock::new(sealed),
             open: RwLock::new(None),
-            unwritten: Mutex::new(HashMap::new()),
+            unwritten: Mutex::new(HashMap::default()),
             book,
             cursor: Mutex::new(cursor),
         });

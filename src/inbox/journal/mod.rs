@@ -703,15 +703,26 @@ impl Shared {
             .range(..=loc.seq)
             .next_back()
             .map(|(_, v)| v.clone())?;
-        let mut head = [0u8; 4];
-        if view.seg.read_at(&mut head, loc.offset).ok() != Some(4) {
+        // One read for most records: the length is learnt from what it
+        // brought, and only a longer record takes a second.
+        let mut buf = vec![0u8; 1024];
+        let got = view.seg.read_at(&mut buf, loc.offset).ok()?;
+        if got < 4 {
             return None;
         }
-        let len = u32::from_le_bytes(head) as usize + 8;
-        let mut buf = vec![0u8; len];
-        if view.seg.read_at(&mut buf, loc.offset).ok() != Some(len) {
-            return None;
+        let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize + 8;
+        if len > got {
+            buf.resize(len, 0);
+            if view
+                .seg
+                .read_at(&mut buf[got..], loc.offset + got as u64)
+                .ok()
+                != Some(len - got)
+            {
+                return None;
+            }
         }
+        buf.truncate(len);
         let log::Decoded::Record(rec, _) = log::decode(&buf) else {
             return None;
         };
