@@ -4,9 +4,10 @@
 //!
 //! - **Writing.** The replica whose pipeline settles an event publishes its
 //!   record to the stream with publisher confirms, in groups: one message
-//!   (header [`KIND_HEADER`] = `records`, a JSON array) carries up to
-//!   [`PUBLISH_GROUP`] records, since RabbitMQ's cost and lapin's is per
-//!   message. `put` never waits: it hands the record to a
+//!   (header [`KIND_HEADER`] = `kept`) carries the snapshot of the rules
+//!   that planned them and up to [`PUBLISH_GROUP`] records in their kept
+//!   form (`kept`: body and packed outcomes; the record is made on read),
+//!   since RabbitMQ's cost and lapin's is per message. `put` never waits: it hands the record to a
 //!   bounded buffer ([`MAX_QUEUED`]) drained by a publisher task; a full
 //!   buffer drops the record and counts it (`records_dropped_total{reason
 //!   ="queue_full"}`), as the disk store does. A publish that fails is
@@ -24,7 +25,10 @@
 //!   from its first offset with a reader of its own (a dedicated connection;
 //!   on loss it reconnects and goes on from the next offset) into a
 //!   [`DiskStore`] under `journal.path/records-broker/`, which answers `get`
-//!   and `by_user`. Reusing the embedded store gives the same indexed files,
+//!   and `by_user`. The replica that published a group puts it into its
+//!   own copy at its confirm, and its reader skips it (header
+//!   [`FROM_HEADER`], random per process): reading its own records back
+//!   cost the busiest replica a decode of each, and RabbitMQ a delivery. Reusing the embedded store gives the same indexed files,
 //!   lookups by id and by user, size accounting and bounds, tested already,
 //!   instead of a second index that would hold every record in memory. The
 //!   copy is a cache: it is deleted and rebuilt from the stream at start,
@@ -84,6 +88,9 @@ use crate::telemetry::Metrics;
 const KIND_HEADER: &str = "x-chat-janitor-record";
 /// A token a `sync` waits to see come by.
 const TOKEN_HEADER: &str = "x-chat-janitor-record-token";
+/// The header naming the process that published a group of records: its
+/// own reader skips them (they are in its copy since their confirm).
+const FROM_HEADER: &str = "x-chat-janitor-record-from";
 /// Records handed over and not yet published; beyond this a record is
 /// dropped (and counted) rather than waited for.
 pub const MAX_QUEUED: usize = 16_384;
@@ -138,11 +145,14 @@ struct Inner {
     tx: Mutex<Option<mpsc::Sender<Arc<SettledEvent>>>>,
     /// Records handed over and not yet confirmed, by event id, so the
     /// replica that settled an event answers for it at once.
-    unpublished: Mutex<HashMap<Box<str>, Arc<SettledEvent>>>,
+    unpublished: Mutex<HashMap<Box<str>, Arc<SettledEvent>, foldhash::fast::RandomState>>,
     /// The rules records are planned again with on read.
     book: Arc<RulesBook>,
     /// The service's rules' snapshot, sent with every group of records.
     rules_snapshot: Vec<u8>,
+    /// This process among the replicas (random at each start, so after a
+    /// restart its earlier records are read back like anyone's).
+    me: String,
     declared: OnceCell<()>,
     /// The reader's state: the next offset, and syncs waiting for tokens.
     reader: Mutex<Reader>,
@@ -239,8 +249,9 @@ impl BrokerStore {
                 local,
                 metrics,
                 tx: Mutex::new(Some(tx)),
-                unpublished: Mutex::new(HashMap::new()),
+                unpublished: Mutex::new(HashMap::default()),
                 rules_snapshot: book.current().snapshot(),
+                me: format!("{:032x}", rand::random::<u128>()),
                 book,
                 declared: OnceCell::new(),
                 reader: Mutex::new(Reader::default()),
@@ -396,6 +407,9 @@ impl BrokerStore {
             Some(Ok(())) => {
                 if let Out::Stream(records) = o {
                     for r in records {
+                        // Into the copy now, not when the reader comes
+                        // by: it skips what this process published.
+                        self.inner.local.put_shared(r.clone());
                         self.confirmed(r);
                     }
                 }
@@ -439,10 +453,16 @@ impl BrokerStore {
                 let body = stream_message(&self.inner.rules_snapshot, records);
                 let props = BasicProperties::default()
                     .with_content_type(ShortString::from("application/octet-stream"))
-                    .with_headers(table(&[(
-                        KIND_HEADER,
-                        AMQPValue::LongString(LongString::from(KEPT_KIND)),
-                    )]));
+                    .with_headers(table(&[
+                        (
+                            KIND_HEADER,
+                            AMQPValue::LongString(LongString::from(KEPT_KIND)),
+                        ),
+                        (
+                            FROM_HEADER,
+                            AMQPValue::LongString(LongString::from(self.inner.me.as_str())),
+                        ),
+                    ]));
                 link.publish("", &self.inner.stream, &body, props).await
             }
         }
@@ -549,7 +569,9 @@ impl BrokerStore {
             }
             // Anything else is a cursor, or a message this version does not
             // know.
+            let mine = header_str(&d, FROM_HEADER).as_deref() == Some(self.inner.me.as_str());
             let records = match header_str(&d, KIND_HEADER).as_deref() {
+                Some(KEPT_KIND) if mine => Some(Vec::new()),
                 Some(KEPT_KIND) => read_stream_message(&d.data, &self.inner.book),
                 Some("records" | "record") => {
                     if !std::mem::replace(&mut self.inner.reader.lock().warned_old, true) {

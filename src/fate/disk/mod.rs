@@ -296,6 +296,32 @@ impl DiskStore {
         })
     }
 
+    /// `put`, of a record shared with its writer (broker mode's copy of
+    /// the records its own replica published).
+    pub fn put_shared(&self, record: Arc<SettledEvent>) {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            // The service closes the store only once the pipeline drained.
+            inner.metrics.record_dropped(RecordDrop::Shutdown);
+            return;
+        }
+        if inner.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
+            inner.queued.fetch_sub(1, Ordering::AcqRel);
+            inner.metrics.record_dropped(RecordDrop::QueueFull);
+            return;
+        }
+        inner
+            .shared
+            .unwritten
+            .lock()
+            .insert(record.id.as_str().into(), record.clone());
+        if inner.tx.send(Cmd::Put(record.clone())).is_err() {
+            inner.queued.fetch_sub(1, Ordering::AcqRel);
+            inner.shared.written(&record);
+            inner.metrics.record_dropped(RecordDrop::Shutdown);
+        }
+    }
+
     /// Waits until every record handed over so far is durable (or dropped).
     pub async fn sync(&self) {
         let (reply, rx) = oneshot::channel();
@@ -330,28 +356,7 @@ fn storage(path: &Path, e: &io::Error) -> FateError {
 
 impl FateStore for DiskStore {
     fn put(&self, record: SettledEvent) {
-        let inner = &self.inner;
-        if inner.closed.load(Ordering::Acquire) {
-            // The service closes the store only once the pipeline drained.
-            inner.metrics.record_dropped(RecordDrop::Shutdown);
-            return;
-        }
-        if inner.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
-            inner.queued.fetch_sub(1, Ordering::AcqRel);
-            inner.metrics.record_dropped(RecordDrop::QueueFull);
-            return;
-        }
-        let record = Arc::new(record);
-        inner
-            .shared
-            .unwritten
-            .lock()
-            .insert(record.id.as_str().into(), record.clone());
-        if inner.tx.send(Cmd::Put(record.clone())).is_err() {
-            inner.queued.fetch_sub(1, Ordering::AcqRel);
-            inner.shared.written(&record);
-            inner.metrics.record_dropped(RecordDrop::Shutdown);
-        }
+        self.put_shared(Arc::new(record));
     }
 
     fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<EventRecord>, FateError>> {
