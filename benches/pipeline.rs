@@ -600,9 +600,10 @@ async fn run_memory(rep: &mut Report) {
         "\n== 4. Memory: {} serve (broker mode, default prefetch and max_pending_items) draining a backlog from RabbitMQ; VmRSS every 100 ms",
         bin.display()
     );
+    let mut with_records = 0.0;
     for &n in &MEMORY_BACKLOGS {
         let cpu = CpuMeter::start();
-        let r = memory::run(n, Duration::from_secs(300)).await;
+        let r = memory::run(n, Duration::from_secs(300), true).await;
         println!(
             "  backlog {}: published in {} ({:.0}/s, confirms in windows of 5,000 x 2 connections); drained in {} ({:.0} events/s), complete: {}; {} calls, fill {:.3}, 60007: {}",
             thousands(n),
@@ -672,7 +673,42 @@ async fn run_memory(rep: &mut Report) {
                 r.longest_stall()
             ));
         }
+        if n == MEMORY_BACKLOGS[0] {
+            with_records = r.drain_rate();
+        }
     }
+    // What the records cost this drain: the first backlog again with
+    // `[records] enabled = false`, in the same run.
+    let n = MEMORY_BACKLOGS[0];
+    let r = memory::run(n, Duration::from_secs(300), false).await;
+    println!(
+        "  backlog {} with [records] enabled = false: drained in {} ({:.0} events/s), complete: {}; VmHWM {}",
+        thousands(n),
+        secs(r.drain),
+        r.drain_rate(),
+        r.complete,
+        mib(r.hwm_kib)
+    );
+    rep.row(
+        "4. Memory (serve, broker mode)",
+        &format!(
+            "drain rate, backlog {}, records off (reference)",
+            thousands(n)
+        ),
+        format!(
+            "{:.0} events/s ({}); VmHWM {}",
+            r.drain_rate(),
+            secs(r.drain),
+            mib(r.hwm_kib)
+        ),
+        format!("with records: {with_records:.0} events/s"),
+        format!(
+            "{:.3} (with / without)",
+            with_records / r.drain_rate().max(1e-9)
+        ),
+        "",
+        Verdict::Info,
+    );
 }
 
 fn main() {

@@ -69,7 +69,7 @@ struct Service {
 }
 
 impl Service {
-    fn start(dir: &Path, upstream: &str, queue: &str) -> Service {
+    fn start(dir: &Path, upstream: &str, queue: &str, records: bool) -> Service {
         let port = free_port();
         let log = dir.join(format!("serve-{port}.log"));
         let out = std::fs::File::create(&log).expect("log file");
@@ -78,6 +78,10 @@ impl Service {
             .env("CHAT_JANITOR__AMQP__QUEUE", queue)
             .env("CHAT_JANITOR__SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "warn")
+            .env(
+                "CHAT_JANITOR__RECORDS__ENABLED",
+                if records { "true" } else { "false" },
+            )
             .stderr(out)
             .kill_on_drop(true)
             .spawn()
@@ -131,7 +135,8 @@ impl Service {
 
 /// A backlog of `n` events (one unsubscribe each) published to a fresh
 /// queue, then drained by a fresh `serve` process.
-pub async fn run(n: u64, timeout: Duration) -> MemoryResult {
+/// Drains a backlog of `n` events; `records`: `[records] enabled`.
+pub async fn run(n: u64, timeout: Duration, records: bool) -> MemoryResult {
     let up = Upstream::start().await;
     up.emulator.seed(Seed {
         channels: (0..CHANNELS)
@@ -144,7 +149,7 @@ pub async fn run(n: u64, timeout: Duration) -> MemoryResult {
     let http = http_client(1);
 
     // Once, to declare the topology exactly as the service does.
-    let mut svc = Service::start(dir.path(), &up.url(), &queue);
+    let mut svc = Service::start(dir.path(), &up.url(), &queue, records);
     svc.ready(&http).await;
     svc.stop().await;
 
@@ -161,7 +166,7 @@ pub async fn run(n: u64, timeout: Duration) -> MemoryResult {
     });
     let publish = publish_backlog(&queue, n, make).await;
 
-    let mut svc = Service::start(dir.path(), &up.url(), &queue);
+    let mut svc = Service::start(dir.path(), &up.url(), &queue, records);
     let pid = svc.pid();
     let t0 = Instant::now();
     let samples = Arc::new(Mutex::new(Vec::new()));
