@@ -634,8 +634,10 @@ pub fn unique_queue(what: &str) -> String {
 }
 
 /// Deletes what the service declares for `queue`: the work queue, its lock
-/// queue, dead letters, the dead-letter log and exchange (a fresh channel
-/// each: a failed delete closes its channel).
+/// queue, dead letters, the dead-letter log, the sweep log, the record
+/// stream and the exchange (a fresh channel each: a failed delete closes
+/// its channel). Streams left behind keep their data for days and load
+/// RabbitMQ for every later run.
 pub async fn delete_queue(queue: &str) {
     let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
         eprintln!("  (could not connect to delete {queue})");
@@ -646,6 +648,8 @@ pub async fn delete_queue(queue: &str) {
         format!("{queue}.leader"),
         format!("{queue}.dead"),
         format!("{queue}.dead-log"),
+        format!("{queue}.sweeps"),
+        format!("{queue}.records"),
     ] {
         let Ok(ch) = conn.create_channel().await else {
             continue;
