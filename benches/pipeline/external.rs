@@ -1196,16 +1196,7 @@ pub async fn section(rep: &mut Report) {
     let started = Instant::now();
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let script = dir.path().join("replay.lua");
-    std::fs::write(&script, LUA).expect("lua script");
-    let emu = EmulatorProc::start(dir.path());
-    emu.seed(&Seed {
-        channels: (0..CHANNELS)
-            .map(|c| SeedChannel::new(channel("ext", c), Vec::<String>::new()))
-            .collect(),
-        ..Seed::default()
-    })
-    .await;
+    let (script, emu) = script_and_emulator(dir.path()).await;
     let (bare, bare_url) = start_bare(dir.path());
     let svc_dir = dir.path().join("embedded");
     std::fs::create_dir_all(&svc_dir).expect("service dir");
@@ -1514,6 +1505,22 @@ async fn records_cost(
     out
 }
 
+/// The replay script and the emulator (its own process, the channels
+/// seeded) in `dir`.
+async fn script_and_emulator(dir: &Path) -> (PathBuf, EmulatorProc) {
+    let script = dir.join("replay.lua");
+    std::fs::write(&script, LUA).expect("lua script");
+    let emu = EmulatorProc::start(dir);
+    emu.seed(&Seed {
+        channels: (0..CHANNELS)
+            .map(|c| SeedChannel::new(channel("ext", c), Vec::<String>::new()))
+            .collect(),
+        ..Seed::default()
+    })
+    .await;
+    (script, emu)
+}
+
 /// `perf record` of one process, when `CJ_BENCH_PERF` names a directory
 /// (a profiling aid: its own CPU is not charged to the process, but it
 /// slows it, so figures from such a run are not reported anywhere).
@@ -1563,16 +1570,7 @@ pub async fn records_section(rep: &mut Report) {
         return;
     }
     let dir = tempfile::tempdir().expect("temp dir");
-    let script = dir.path().join("replay.lua");
-    std::fs::write(&script, LUA).expect("lua script");
-    let emu = EmulatorProc::start(dir.path());
-    emu.seed(&Seed {
-        channels: (0..CHANNELS)
-            .map(|c| SeedChannel::new(channel("ext", c), Vec::<String>::new()))
-            .collect(),
-        ..Seed::default()
-    })
-    .await;
+    let (script, emu) = script_and_emulator(dir.path()).await;
     let cost = records_cost(
         dir.path(),
         &emu,
