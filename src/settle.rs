@@ -540,7 +540,7 @@ impl Origin {
         fate.recorder.build(
             Draft {
                 held: &event,
-                kind: &self.kind(),
+                kind: self.kind(),
                 accepted_at_ms: self.accepted_at_ms(),
                 plan,
                 outcomes,
@@ -574,7 +574,7 @@ impl Origin {
                 fate.recorder.settled(
                     Draft {
                         held: &event,
-                        kind: &self.kind(),
+                        kind: self.kind(),
                         accepted_at_ms: self.accepted_at_ms(),
                         plan,
                         outcomes,

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
 use serde::Deserialize;
@@ -283,7 +283,8 @@ impl<'a> Reader<'a> {
 /// beside the records), or, in broker mode, from the record stream.
 pub struct RulesBook {
     current: Arc<Rules>,
-    dir: RwLock<Option<PathBuf>>,
+    /// Where snapshots are kept, once `keep_in` said.
+    dir: OnceLock<PathBuf>,
     known: RwLock<HashMap<u64, Option<Arc<Rules>>>>,
 }
 
@@ -291,7 +292,7 @@ impl RulesBook {
     pub fn new(current: Arc<Rules>) -> Arc<RulesBook> {
         Arc::new(RulesBook {
             current,
-            dir: RwLock::new(None),
+            dir: OnceLock::new(),
             known: RwLock::new(HashMap::new()),
         })
     }
@@ -305,11 +306,12 @@ impl RulesBook {
         dir.join(format!("rules-{fp:016x}.json"))
     }
 
-    /// Keeps snapshots in `dir` from now on, and the current rules' there
-    /// now (durably: written before any record planned with them).
+    /// Keeps snapshots in `dir` from now on (the first directory given
+    /// stays), and the current rules' there now (durably: written before
+    /// any record planned with them).
     pub fn keep_in(&self, dir: &Path) -> io::Result<()> {
         write_snapshot(dir, self.current.fingerprint(), &self.current.snapshot())?;
-        *self.dir.write() = Some(dir.to_owned());
+        let _ = self.dir.set(dir.to_owned());
         Ok(())
     }
 
@@ -322,7 +324,7 @@ impl RulesBook {
         if fp == self.current.fingerprint() || matches!(self.known.read().get(&fp), Some(Some(_))) {
             return Some(fp);
         }
-        if let Some(dir) = &*self.dir.read() {
+        if let Some(dir) = self.dir.get() {
             if let Err(e) = write_snapshot(dir, fp, snapshot) {
                 tracing::warn!(error = %e, "cannot keep a rules snapshot beside the event records");
             }
@@ -339,9 +341,10 @@ impl RulesBook {
         if let Some(r) = self.known.read().get(&fp) {
             return r.clone();
         }
-        let dir = self.dir.read().clone();
-        let loaded = dir
-            .and_then(|d| std::fs::read(Self::path(&d, fp)).ok())
+        let loaded = self
+            .dir
+            .get()
+            .and_then(|d| std::fs::read(Self::path(d, fp)).ok())
             .and_then(|b| Rules::from_snapshot(&b).ok())
             .filter(|r| r.fingerprint() == fp)
             .map(Arc::new);

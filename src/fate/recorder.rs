@@ -24,7 +24,8 @@ pub struct Recorder {
 /// What the pipeline knows of one event.
 pub struct Draft<'a> {
     pub held: &'a HeldEvent,
-    pub kind: &'a str,
+    /// Its type (the pipeline's interned copy: shared, not copied).
+    pub kind: Arc<str>,
     pub accepted_at_ms: u64,
     /// The plan, when it cannot be made again from the body.
     pub plan: Option<&'a [Action]>,
@@ -54,7 +55,7 @@ impl Recorder {
         let mut b = RecordBuilder::new(
             &d.held.id,
             d.held.source,
-            d.kind,
+            &d.kind,
             event.data.user_id,
             d.accepted_at_ms,
             plan,
@@ -78,7 +79,7 @@ impl Recorder {
         self.store.put(SettledEvent {
             id: held.id.clone(),
             source: held.source,
-            kind: kind.into(),
+            kind,
             accepted_at_ms,
             settled_at_ms,
             dead_lettered,

@@ -93,11 +93,47 @@ pub fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
     t
 }
 
+/// Declares the durable queue `name` with `args`. If RabbitMQ refuses
+/// (406: it exists with other arguments, which it never changes; a policy
+/// can), checks that it exists and returns the refusal beside the channel,
+/// for the caller to say what that means for it.
+async fn declare_or_existing(
+    conn: &Connection,
+    name: &str,
+    args: FieldTable,
+) -> Result<(Channel, Option<lapin::Error>), BrokerError> {
+    let ch = conn.create_channel().await?;
+    let declared = ch
+        .queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await;
+    let Err(refused) = declared else {
+        return Ok((ch, None));
+    };
+    // The refusal closed that channel.
+    let ch = conn.create_channel().await?;
+    ch.queue_declare(
+        ShortString::from(name),
+        QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    Ok((ch, Some(refused)))
+}
+
 /// Declares the durable stream `name` with `args` (besides its type) and
 /// returns the channel it was declared on. A stream declared before with
-/// other arguments is used as it is: RabbitMQ refuses new ones (a policy
-/// can change them), which is logged as `what` (and `hint`, what may have
-/// changed) rather than stopping the service.
+/// other arguments is used as it is, which is logged as `what` (and `hint`,
+/// what may have changed) rather than stopping the service.
 pub async fn declare_stream(
     conn: &Connection,
     name: &str,
@@ -110,34 +146,11 @@ pub async fn declare_stream(
         AMQPValue::LongString(LongString::from("stream")),
     )];
     all.extend(args.iter().cloned());
-    let ch = conn.create_channel().await?;
-    let declared = ch
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            table(&all),
-        )
-        .await;
-    match declared {
-        Ok(_) => Ok(ch),
-        Err(e) => {
-            tracing::warn!(error = %e, log = name, "{what} declared before with other arguments{hint}; using it as it is");
-            let ch = conn.create_channel().await?;
-            ch.queue_declare(
-                ShortString::from(name),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-            Ok(ch)
-        }
+    let (ch, refused) = declare_or_existing(conn, name, table(&all)).await?;
+    if let Some(e) = refused {
+        tracing::warn!(error = %e, log = name, "{what} declared before with other arguments{hint}; using it as it is");
     }
+    Ok(ch)
 }
 
 impl BrokerLink {
@@ -348,38 +361,17 @@ async fn declare_topology(conn: &Connection, queue: &str) -> Result<(), BrokerEr
             AMQPValue::LongString(LongString::from(dlx.as_str())),
         ),
     ]);
-    let declared = ch
-        .queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await;
-    if let Err(e) = declared {
-        // 406 PRECONDITION_FAILED: it exists with other arguments.
-        tracing::debug!(error = %e, "queue declare refused; checking for an existing queue");
-        let ch = conn.create_channel().await?;
-        ch.queue_declare(
-            ShortString::from(queue),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    let _ = ch.close(200, ShortString::from("done")).await;
+    let (ch, refused) = declare_or_existing(conn, queue, args).await?;
+    if let Some(e) = refused {
+        tracing::debug!(error = %e, "queue declare refused; using the existing queue");
         tracing::warn!(
             queue,
             missing = "x-queue-type=quorum, x-delivery-limit, x-dead-letter-exchange",
             "the queue exists with other arguments; using it as it is. Without a delivery limit and a dead-letter exchange, a message that keeps failing is redelivered forever and rejected messages are dropped"
         );
-        let _ = ch.close(200, ShortString::from("done")).await;
-    } else {
-        let _ = ch.close(200, ShortString::from("done")).await;
     }
+    let _ = ch.close(200, ShortString::from("done")).await;
     Ok(())
 }
 
