@@ -27,8 +27,17 @@ use crate::helpers::{
 };
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_chat-janitor");
-/// The vendor's calls per second per API, and the whole service's budget.
+/// The vendor's calls per second per API, as the emulator enforces it.
 const BUDGET: usize = 200;
+/// Each replica's `requests_per_second`: 5% under the vendor's limit. The
+/// emulator counts arrivals, stamped when its handler runs in this test
+/// process, beside whatever other tests run at the time: a stall of tens of
+/// milliseconds there bunches arrivals past the gate's own 2% margin (two CI
+/// runs saw 201 in one second from one replica that sent at most 196). What
+/// these tests look for is two replicas dispatching at once, which at 190
+/// each is far past 200; one replica at the full 200 is measured on a quiet
+/// machine by the scale-out benchmark (196 in its busiest second).
+const REPLICA_RPS: u32 = 190;
 /// `ErrorCode` of a call refused for frequency.
 const FREQUENCY_LIMIT: i64 = 60_007;
 pub(crate) const DELETE: &str = "delete_subscriber";
@@ -189,7 +198,7 @@ impl Replica {
             .env("CHAT_JANITOR__TENCENT__SECRET_KEY", KEY)
             .env(
                 "CHAT_JANITOR__TENCENT__REQUESTS_PER_SECOND",
-                BUDGET.to_string(),
+                REPLICA_RPS.to_string(),
             )
             .env("CHAT_JANITOR__JOURNAL__PATH", dir.path().join("journal"))
             .env("CHAT_JANITOR__WEBHOOK__SECRETS", SECRET)
