@@ -99,8 +99,11 @@ impl Memtable {
         v
     }
 
+    /// Empties the table and keeps its room: under load it fills to the
+    /// same size again, and regrowing it from nothing after each flush
+    /// would churn the allocator for nothing.
     pub fn clear(&mut self) {
-        self.map = HashMap::new();
+        self.map.clear();
         self.oldest = None;
     }
 }
