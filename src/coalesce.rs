@@ -729,7 +729,24 @@ impl Coalescer {
             self.send(b).await?;
         }
         self.metrics.set_open_keys(self.open.len());
+        self.give_back_room();
         Ok(())
+    }
+
+    /// A wave opens thousands of keys at once, and the map and queues keep
+    /// the room they grew to after the batches went to the dispatcher,
+    /// where the same work is then held a second time: mostly empty, they
+    /// shrink (large tables are mapped memory, so this returns it).
+    fn give_back_room(&mut self) {
+        const SMALL: usize = 4096;
+        if self.open.capacity() > SMALL && self.open.len() < self.open.capacity() / 4 {
+            self.open.shrink_to(self.open.len() * 2);
+        }
+        for q in [&mut self.order, &mut self.postponed] {
+            if q.capacity() > SMALL && q.len() < q.capacity() / 4 {
+                q.shrink_to(q.len() * 2);
+            }
+        }
     }
 
     async fn flush_all(&mut self) -> Result<(), Closed> {

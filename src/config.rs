@@ -343,7 +343,7 @@ pub struct JournalTuning {
     /// A segment takes no new group once it is this big.
     pub segment_bytes: u64,
     /// Ids the dedupe memtable holds before it is written out as a run
-    /// (about 2.5 MiB of memory, 1 MiB on disk, at the default).
+    /// (about 2.2 MiB of memory, 0.5 MiB on disk, at the default).
     pub flush_ids_at: usize,
 }
 
@@ -351,7 +351,7 @@ impl Default for JournalTuning {
     fn default() -> Self {
         JournalTuning {
             segment_bytes: 16 << 20,
-            flush_ids_at: 65_536,
+            flush_ids_at: 32_768,
         }
     }
 }
