@@ -209,8 +209,9 @@ struct Packed {
 }
 
 /// The outcomes of an event's actions: most events have one, held inline;
-/// the rest (several actions, a dead letter's text, a plan that cannot be
-/// made again) in one box.
+/// several in a box, with what is rare (a dead letter's text, a plan that
+/// cannot be made again) boxed apart. A backlog of follows holds one of
+/// these per waiting event, so the common case is two small allocations.
 #[derive(Debug)]
 enum Outcomes {
     None,
@@ -220,7 +221,12 @@ enum Outcomes {
 
 #[derive(Debug, Default)]
 struct Big {
-    outcomes: Vec<Packed>,
+    outcomes: Box<[Packed]>,
+    rare: Option<Box<Rare>>,
+}
+
+#[derive(Debug, Default)]
+struct Rare {
     /// Error texts of dead-lettered actions, by index.
     infos: Vec<(u32, Box<str>)>,
     plan: Option<Box<[Action]>>,
@@ -232,9 +238,13 @@ impl Outcomes {
             (0, None) => Outcomes::None,
             (1, None) => Outcomes::One(Packed::default()),
             (n, plan) => Outcomes::Big(Box::new(Big {
-                outcomes: vec![Packed::default(); n],
-                infos: Vec::new(),
-                plan: plan.map(Vec::into_boxed_slice),
+                outcomes: vec![Packed::default(); n].into_boxed_slice(),
+                rare: plan.map(|p| {
+                    Box::new(Rare {
+                        infos: Vec::new(),
+                        plan: Some(p.into_boxed_slice()),
+                    })
+                }),
             })),
         }
     }
@@ -259,18 +269,23 @@ impl Outcomes {
     fn add_info(&mut self, i: u32, info: &str) {
         if let Outcomes::One(p) = *self {
             *self = Outcomes::Big(Box::new(Big {
-                outcomes: vec![p],
-                ..Big::default()
+                outcomes: Box::new([p]),
+                rare: None,
             }));
         }
         if let Outcomes::Big(b) = self {
-            b.infos.push((i, info.into()));
+            b.rare
+                .get_or_insert_with(Box::default)
+                .infos
+                .push((i, info.into()));
         }
     }
 
     fn info(&self, i: usize) -> Option<String> {
         let Outcomes::Big(b) = self else { return None };
-        b.infos
+        b.rare
+            .as_ref()?
+            .infos
             .iter()
             .rev()
             .find(|(j, _)| *j as usize == i)
@@ -279,7 +294,7 @@ impl Outcomes {
 
     fn plan(&self) -> Option<&[Action]> {
         match self {
-            Outcomes::Big(b) => b.plan.as_deref(),
+            Outcomes::Big(b) => b.rare.as_ref()?.plan.as_deref(),
             _ => None,
         }
     }
