@@ -42,6 +42,8 @@ fn start_serve_full(
 ) -> (Child, u16) {
     let mut child = Command::new(BIN)
         .arg("serve")
+        // As users run it, whatever the test runner's environment has.
+        .env_remove("GLIBC_TUNABLES")
         .envs(env.iter().copied())
         .current_dir(dir)
         .env("RUST_LOG", "info")
@@ -596,4 +598,48 @@ async fn a_settled_events_record_survives_kill_9() {
     assert_eq!(up.emulator.calls().len(), calls, "not replayed");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// `GLIBC_TUNABLES` in the environment the kernel shows for `pid` (after
+/// any exec), if set.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn glibc_tunables_of(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ readable");
+    environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("GLIBC_TUNABLES="))
+        .map(str::to_owned)
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn serve_tunes_the_allocator_unless_glibc_tunables_is_set() {
+    // No upstream call is made: nothing is posted.
+    let upstream = "http://127.0.0.1:1";
+    let dir = tempfile::tempdir().unwrap();
+    // The process replaced itself (same pid: it is the child we spawned,
+    // and it logged its port) with the tuning in its environment. glibc
+    // may cut the variable at its first ':' once it has parsed it, so only
+    // the first setting is compared.
+    let (mut child, _) = start_serve(dir.path(), upstream, 50);
+    let seen = glibc_tunables_of(child.id());
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        seen.as_deref()
+            .is_some_and(|v| v.starts_with("glibc.malloc.arena_max=2")),
+        "GLIBC_TUNABLES of serve: {seen:?}"
+    );
+    // Set by the operator, even empty: left as it is.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _) = start_serve_with(dir.path(), upstream, 50, &[("GLIBC_TUNABLES", "")]);
+    let seen = glibc_tunables_of(child.id());
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(
+        seen.as_deref(),
+        Some(""),
+        "an operator's GLIBC_TUNABLES is kept"
+    );
 }
