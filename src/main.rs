@@ -6,9 +6,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    let cli = chat_janitor::cli::Cli::parse();
+    // A one-shot command (`send`, `status`, ...) exits before its memory
+    // matters: no second exec for it.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    malloc_tuning::apply();
-    chat_janitor::cli::run(chat_janitor::cli::Cli::parse())
+    if cli.runs_until_stopped() {
+        malloc_tuning::apply();
+    }
+    chat_janitor::cli::run(cli)
 }
 
 /// glibc's allocator, tuned for a long-running service whose memory is
@@ -18,15 +23,15 @@ fn main() -> ExitCode {
 /// another, and it raises its mmap threshold after each large free, so the
 /// growing buffers of a backlog (queues, maps) end up in the heap, where
 /// freeing them returns nothing. With a backlog at the pending bound that
-/// is some 15 MiB of RSS (the benchmark's section 7d). The tuning: two
+/// was some 15 MiB of RSS (section 7d of the benchmark, `--quick` runs). The tuning: two
 /// arenas (one a core), a fixed mmap threshold of 64 KiB (large buffers are
 /// mapped, and unmapped when freed), and trimming the heap's top above
 /// 1 MiB.
 ///
 /// glibc reads it from the environment once, before `main`, and the crate
-/// forbids the unsafe `mallopt`; so the process sets `GLIBC_TUNABLES` and
-/// replaces itself (`exec`, same pid, same arguments) before it does
-/// anything else. A `GLIBC_TUNABLES` already set, even empty, is left as it
+/// forbids the unsafe `mallopt`; so a process that runs until stopped sets
+/// `GLIBC_TUNABLES` and replaces itself (`exec`, same pid, same arguments)
+/// once its arguments parse, before it does anything else. A `GLIBC_TUNABLES` already set, even empty, is left as it
 /// is and nothing is re-executed: that is also how to opt out.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod malloc_tuning {

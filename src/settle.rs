@@ -219,7 +219,7 @@ enum Outcomes {
     Big(Box<Big>),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Big {
     outcomes: Box<[Packed]>,
     rare: Option<Box<Rare>>,
