@@ -19,11 +19,11 @@ use crate::domain::clock::unix_now;
 use crate::domain::DeadLetterSink;
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
 use crate::fate::broker::{self as broker_records, BrokerStore, BrokerStoreOptions};
-use crate::fate::callbacks::{CallbackOptions, Callbacks};
+use crate::fate::callbacks::{queue as callback_queue, CallbackOptions, Callbacks};
 use crate::fate::disk::{DiskStore, StoreOptions};
 use crate::fate::recorder::Recorder;
 use crate::fate::{FateStore, RulesBook};
-use crate::inbox::broker::BrokerLink;
+use crate::inbox::broker::{BrokerDeadLetters, BrokerLink};
 use crate::inbox::consumer::BrokerInbox;
 use crate::inbox::journal::{Journal, DEDUPE_WINDOW_SECS};
 use crate::inbox::lease::{LeaderLease, LeaseHandle};
@@ -56,7 +56,7 @@ pub struct Application {
     intake_task: tokio::task::JoinHandle<()>,
     sweeps: Arc<Sweeps>,
     /// The event records (embedded mode's files, or broker mode's stream),
-    /// and their HTTP callbacks if configured (embedded mode).
+    /// and their HTTP callbacks if configured.
     fate: Result<Arc<dyn FateStore>, NoRecords>,
     callbacks: Option<Callbacks>,
     metrics: Metrics,
@@ -136,7 +136,7 @@ impl Application {
         let (fate, callbacks) = match (&journal, broker_link) {
             _ if !settings.records.enabled => (Err(NoRecords::Disabled), None),
             (Some(j), _) => open_records(&settings, j, &metrics, &rules).await,
-            (None, link) => (open_broker_records(&settings, link, &metrics, &rules), None),
+            (None, link) => open_broker_records(&settings, link, &metrics, &rules),
         };
         let (pipeline, handles) = Pipeline::start(
             &settings.batching,
@@ -344,33 +344,63 @@ async fn open_records(
 }
 
 /// Opens broker mode's record store: the stream `<queue>.records`, read
-/// back into a local copy under `journal.path/records-broker/`. A copy
-/// that cannot be opened leaves the service running without records.
+/// back into a local copy under `journal.path/records-broker/`, and starts
+/// the callbacks (consuming `<queue>.callbacks`) if `[callbacks] url` is
+/// set. A copy that cannot be opened leaves the service running without
+/// records.
 fn open_broker_records(
     settings: &Settings,
     link: Option<Arc<BrokerLink>>,
     metrics: &Metrics,
     rules: &Arc<Rules>,
-) -> Result<Arc<dyn FateStore>, NoRecords> {
+) -> (Result<Arc<dyn FateStore>, NoRecords>, Option<Callbacks>) {
     let Some(link) = link else {
-        return Err(NoRecords::Unavailable("no broker link".into()));
+        return (Err(NoRecords::Unavailable("no broker link".into())), None);
     };
+    let c = &settings.callbacks;
     let dir = settings.journal.path.join(broker_records::LOCAL_DIR);
     let opts = BrokerStoreOptions {
         store: StoreOptions {
             retention: settings.records.retention,
             max_bytes: settings.records.max_bytes,
         },
-        exchange: settings.callbacks.exchange.clone(),
+        exchange: c.exchange.clone(),
+        callback_queue: c.enabled(),
     };
     let book = RulesBook::new(rules.clone());
-    match BrokerStore::open(link, &dir, opts, metrics.clone(), book) {
-        Ok(s) => Ok(Arc::new(s)),
+    let store: Arc<dyn FateStore> = match BrokerStore::open(
+        link.clone(),
+        &dir,
+        opts,
+        metrics.clone(),
+        book,
+    ) {
+        Ok(s) => Arc::new(s),
         Err(e) => {
             tracing::error!(error = %e, "cannot open the local copy of the event records; running without records");
-            Err(NoRecords::Unavailable(e.to_string()))
+            return (Err(NoRecords::Unavailable(e.to_string())), None);
         }
-    }
+    };
+    let callbacks = match (&c.secret, c.enabled()) {
+        (Some(key), true) => {
+            let opts = CallbackOptions {
+                url: c.url.clone(),
+                key: key.clone(),
+                max_age: c.max_age,
+                max_backoff: c.max_backoff,
+            };
+            let dead = BrokerDeadLetters::start(link.clone());
+            match Callbacks::start_queue(link, dead, opts, metrics.clone(), callback_queue::HOLD) {
+                Ok(cb) => Some(cb),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the completion callbacks");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    (Ok(store), callbacks)
 }
 
 fn spawn_id_pruning(journal: Journal, stop: CancellationToken) {

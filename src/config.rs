@@ -711,12 +711,6 @@ impl Settings {
                     "a whsec_ secret is required when callbacks.url is set",
                 );
             }
-            if self.amqp.enabled() {
-                return bad(
-                    "callbacks.url",
-                    "HTTP callbacks need embedded mode: leave it empty when amqp.url is set (in broker mode records can go to callbacks.exchange)",
-                );
-            }
             if !(Duration::from_secs(1)..=r.retention).contains(&c.max_age) {
                 return bad(
                     "callbacks.max_age",
@@ -907,12 +901,14 @@ mod tests {
         assert!(!s.records.enabled);
         let e = with(&format!("[records]\nenabled = false\n[callbacks]\n{on}")).unwrap_err();
         assert_eq!(e.key, "callbacks.url");
-        let e = with(&format!(
-            "[amqp]\nurl = \"amqp://127.0.0.1\"\n[callbacks]\n{on}"
-        ))
-        .unwrap_err();
-        assert_eq!(e.key, "callbacks.url");
         let broker = "[amqp]\nurl = \"amqp://127.0.0.1\"\n";
+        // Broker mode sends them too (through the callback queue), beside
+        // an exchange or without one.
+        let s = with(&format!(
+            "{broker}[callbacks]\n{on}\nexchange = \"cj.fate\""
+        ))
+        .unwrap();
+        assert!(s.callbacks.enabled() && s.callbacks.exchange == "cj.fate");
         let s = with(&format!("{broker}[callbacks]\nexchange = \"cj.fate\"")).unwrap();
         assert_eq!(s.callbacks.exchange, "cj.fate");
         let e = with("[callbacks]\nexchange = \"cj.fate\"").unwrap_err();

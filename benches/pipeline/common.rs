@@ -650,6 +650,7 @@ pub async fn delete_queue(queue: &str) {
         format!("{queue}.dead-log"),
         format!("{queue}.sweeps"),
         format!("{queue}.records"),
+        format!("{queue}.callbacks"),
     ] {
         let Ok(ch) = conn.create_channel().await else {
             continue;

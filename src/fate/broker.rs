@@ -49,8 +49,11 @@
 //!   (by when it settled): an expired record is never answered. An existing
 //!   stream keeps the arguments it was declared with (RabbitMQ refuses new
 //!   ones; a policy can change them), which is logged at start.
-//! - **Callbacks over HTTP** are not sent in broker mode (the configuration
-//!   refuses `callbacks.url` there), so this store keeps no callback cursor.
+//! - **Callbacks over HTTP.** With `[callbacks] url`, each record is also
+//!   published, as its callback, to the quorum queue `<queue>.callbacks`
+//!   (`callbacks::queue`), which every replica consumes and acks once the
+//!   callback is delivered or given up; so this store keeps no callback
+//!   cursor (`cursor` is always `None`).
 //!
 //! Deleting the stream forgets every record, as deleting the journal does
 //! in embedded mode.
@@ -72,10 +75,14 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot, watch, OnceCell};
 use tokio_util::sync::CancellationToken;
 
+use super::callbacks::queue::{
+    self as callback_queue, callback_queue_name, declare_callback_queue,
+};
+use super::callbacks::{Callback, Tries};
 use super::disk::{DiskStore, StoreOptions};
 use super::{
-    callbacks, Absent, CallbackCursor, EventRecord, FateError, FateStore, Position, RulesBook,
-    SettledEvent, Status, StoreStats,
+    Absent, CallbackCursor, EventRecord, FateError, FateStore, Position, RulesBook, SettledEvent,
+    Status, StoreStats,
 };
 use crate::domain::clock::unix_ms;
 use crate::domain::RecordDrop;
@@ -120,12 +127,16 @@ pub fn record_stream_name(queue: &str) -> String {
 /// The local copy's directory under `journal.path`.
 pub const LOCAL_DIR: &str = "records-broker";
 
-/// The exchange records are also published to, if any.
+/// Where records also go as callbacks, if anywhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerStoreOptions {
     pub store: StoreOptions,
     /// `[callbacks] exchange`; empty: none.
     pub exchange: String,
+    /// `[callbacks] url` is set: each record is also published to the
+    /// callback queue `<queue>.callbacks`, for whichever replica consumes
+    /// it to POST.
+    pub callback_queue: bool,
 }
 
 /// Broker mode's `FateStore`; cheap to clone.
@@ -138,6 +149,8 @@ struct Inner {
     link: Arc<BrokerLink>,
     stream: String,
     exchange: Option<String>,
+    /// The callback queue, with `[callbacks] url`.
+    callback_queue: Option<String>,
     opts: StoreOptions,
     local: DiskStore,
     metrics: Metrics,
@@ -213,11 +226,11 @@ fn read_stream_message(mut b: &[u8], book: &RulesBook) -> Option<Vec<SettledEven
     Some(out)
 }
 
-/// One message to publish: records to the stream, or one record to the
-/// exchange.
+/// One message to publish: records to the stream, or one record as a
+/// callback (to the exchange, the callback queue or both).
 enum Out {
     Stream(Vec<Arc<SettledEvent>>),
-    Exchange(Arc<SettledEvent>),
+    Callback(Arc<SettledEvent>),
 }
 
 impl BrokerStore {
@@ -243,6 +256,9 @@ impl BrokerStore {
         let store = BrokerStore {
             inner: Arc::new(Inner {
                 stream: record_stream_name(&link.queue),
+                callback_queue: opts
+                    .callback_queue
+                    .then(|| callback_queue_name(&link.queue)),
                 link,
                 exchange: Some(opts.exchange).filter(|e| !e.is_empty()),
                 opts: opts.store,
@@ -288,6 +304,9 @@ impl BrokerStore {
                 declare_record_stream(&conn, &self.inner.stream, &self.inner.opts).await?;
                 if let Some(x) = &self.inner.exchange {
                     declare_exchange(&conn, x).await?;
+                }
+                if let Some(q) = &self.inner.callback_queue {
+                    declare_callback_queue(&conn, q).await?;
                 }
                 Ok::<(), BrokerError>(())
             })
@@ -359,8 +378,8 @@ impl BrokerStore {
                 return;
             }
             let mut group: Vec<Out> = Vec::with_capacity(taken.len() + 1);
-            if self.inner.exchange.is_some() {
-                group.extend(taken.iter().cloned().map(Out::Exchange));
+            if self.inner.exchange.is_some() || self.inner.callback_queue.is_some() {
+                group.extend(taken.iter().cloned().map(Out::Callback));
             }
             group.push(Out::Stream(std::mem::take(&mut taken)));
             let mut backoff = BACKOFF_MIN;
@@ -426,30 +445,34 @@ impl BrokerStore {
 
     async fn publish_one(&self, out: &Out) -> Result<(), BrokerError> {
         let link = &self.inner.link;
-        match (&self.inner.exchange, out) {
-            (Some(exchange), Out::Exchange(kept)) => {
+        match out {
+            Out::Callback(kept) => {
                 let Some(r) = kept.record(&self.inner.book) else {
                     // Its body no longer makes an event: it has no record.
                     return Ok(());
                 };
-                let key = match r.status {
-                    Status::DeadLettered => "event.dead_lettered",
-                    Status::Settled | Status::Pending => "event.settled",
-                };
-                let props = BasicProperties::default()
-                    .with_message_id(ShortString::from(callbacks::message_id(&r)))
-                    .with_content_type(ShortString::from("application/json"));
-                match link
-                    .publish(exchange, key, &callbacks::body(&r), props)
-                    .await
-                {
-                    // Nobody bound a queue yet: nothing to deliver to.
-                    Err(BrokerError::Refused("unroutable")) => Ok(()),
-                    other => other,
+                let callback = Callback::of(&r);
+                let props = callback_queue::properties(&callback, &Tries::default(), None);
+                if let Some(exchange) = &self.inner.exchange {
+                    let key = match r.status {
+                        Status::DeadLettered => "event.dead_lettered",
+                        Status::Settled | Status::Pending => "event.settled",
+                    };
+                    match link
+                        .publish(exchange, key, &callback.body, props.clone())
+                        .await
+                    {
+                        // Nobody bound a queue yet: nothing to deliver to.
+                        Err(BrokerError::Refused("unroutable")) | Ok(()) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
+                if let Some(queue) = &self.inner.callback_queue {
+                    link.publish("", queue, &callback.body, props).await?;
+                }
+                Ok(())
             }
-            (None, Out::Exchange(_)) => Ok(()),
-            (_, Out::Stream(records)) => {
+            Out::Stream(records) => {
                 let body = stream_message(&self.inner.rules_snapshot, records);
                 let props = BasicProperties::default()
                     .with_content_type(ShortString::from("application/octet-stream"))
@@ -484,11 +507,23 @@ impl BrokerStore {
             .iter()
             .map(|o| match o {
                 Out::Stream(records) => records.len(),
-                Out::Exchange(_) => 0,
+                Out::Callback(_) => 0,
             })
             .sum();
+        // Callbacks of this group not published, and of every record left.
+        let mut callbacks = group
+            .iter()
+            .filter(|o| matches!(o, Out::Callback(_)))
+            .count();
+        let with_callbacks = self.inner.exchange.is_some() || self.inner.callback_queue.is_some();
         while rx.try_recv().is_ok() {
             n += 1;
+            if with_callbacks {
+                callbacks += 1;
+            }
+        }
+        if callbacks > 0 {
+            self.inner.metrics.callbacks_lost(callbacks as u64);
         }
         for _ in 0..n {
             self.inner.metrics.record_dropped(RecordDrop::Shutdown);
@@ -905,6 +940,7 @@ mod tests {
                 max_bytes: 1 << 30,
             },
             exchange: String::new(),
+            callback_queue: false,
         };
         let store =
             BrokerStore::open(link, &dir.join(LOCAL_DIR), opts, metrics.clone(), book()).unwrap();

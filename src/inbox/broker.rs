@@ -141,14 +141,37 @@ pub async fn declare_stream(
     what: &str,
     hint: &str,
 ) -> Result<Channel, BrokerError> {
+    declare_typed(conn, name, "stream", args, what, hint).await
+}
+
+/// Declares the durable quorum queue `name` with `args` (besides its type)
+/// and returns the channel it was declared on; one declared before with
+/// other arguments is used as it is, which is logged as `what`.
+pub async fn declare_quorum_queue(
+    conn: &Connection,
+    name: &str,
+    args: &[(&str, AMQPValue)],
+    what: &str,
+) -> Result<Channel, BrokerError> {
+    declare_typed(conn, name, "quorum", args, what, "").await
+}
+
+async fn declare_typed(
+    conn: &Connection,
+    name: &str,
+    kind: &str,
+    args: &[(&str, AMQPValue)],
+    what: &str,
+    hint: &str,
+) -> Result<Channel, BrokerError> {
     let mut all = vec![(
         "x-queue-type",
-        AMQPValue::LongString(LongString::from("stream")),
+        AMQPValue::LongString(LongString::from(kind)),
     )];
     all.extend(args.iter().cloned());
     let (ch, refused) = declare_or_existing(conn, name, table(&all)).await?;
     if let Some(e) = refused {
-        tracing::warn!(error = %e, log = name, "{what} declared before with other arguments{hint}; using it as it is");
+        tracing::warn!(error = %e, queue = name, "{what} declared before with other arguments{hint}; using it as it is");
     }
     Ok(ch)
 }

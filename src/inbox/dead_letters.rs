@@ -337,7 +337,12 @@ pub fn header_str(d: &Delivery, key: &str) -> Option<String> {
 }
 
 pub fn stream_offset(d: &Delivery) -> Option<u64> {
-    match header(d, "x-stream-offset")? {
+    header_u64(d, "x-stream-offset")
+}
+
+/// A header holding a non-negative integer, whichever integer type.
+pub fn header_u64(d: &Delivery, key: &str) -> Option<u64> {
+    match header(d, key)? {
         AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
         AMQPValue::LongUInt(n) => Some(u64::from(*n)),

@@ -3,7 +3,9 @@
 //! record to the stream `<queue>.records`, every replica answers it from
 //! its own copy, and the record outlives a kill -9 of the replica that
 //! wrote it. With `[callbacks] exchange` the records also reach a queue
-//! bound to that exchange. Deadlines are generous; nothing asserts a speed.
+//! bound to that exchange. With `[callbacks] url` they are POSTed from the
+//! callback queue by whichever replica holds them, and outlive a kill -9 of
+//! that replica. Deadlines are generous; nothing asserts a speed.
 
 use std::time::Duration;
 
@@ -17,7 +19,22 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 
-use crate::helpers::{eventually, TestUpstream, ADMIN_TOKEN, AMQP_URL, BROKER};
+use actix_web::web;
+use chat_janitor::domain::clock::unix_ms;
+use chat_janitor::domain::WebhookKey;
+use chat_janitor::fate::callbacks::queue::{
+    callback_queue_name, declare_callback_queue, properties,
+};
+use chat_janitor::fate::callbacks::{Callback, CallbackOptions, Callbacks, Tries};
+use chat_janitor::inbox::broker::{BrokerDeadLetters, BrokerLink};
+use chat_janitor::telemetry::Metrics;
+use secrecy::SecretString;
+use serde_json::json;
+
+use crate::fate::{free_port, start_receiver, Seen};
+use crate::helpers::{
+    delete_queues, eventually, message_count, TestUpstream, ADMIN_TOKEN, AMQP_URL, BROKER, SECRET,
+};
 use crate::replicas::{publish_bans, queue_name, upstream, Cluster, REPLICAS};
 
 const LINGER_MS: u64 = 50;
@@ -75,15 +92,8 @@ async fn a_record_survives_the_failover_of_the_active_replica() {
     let up = upstream().await;
     seed(&up, &["bu1", "bu2", "other"]);
     let queue = queue_name("brec");
-    let mut cluster = Cluster::new(&queue);
     let env = [("CHAT_JANITOR__ADMIN__TOKEN", ADMIN_TOKEN)];
-    for _ in 0..2 {
-        cluster.add(&up, LINGER_MS, &env).await;
-    }
-    let all = cluster.all();
-    let leader = cluster
-        .wait_sole_active(&all, 30, "exactly one of two replicas active")
-        .await;
+    let (mut cluster, leader) = Cluster::pair(&queue, &up, LINGER_MS, &env).await;
     let standby = cluster.others(leader)[0];
     let on_leader = cluster.replicas[leader].url("");
     let on_standby = cluster.replicas[standby].url("");
@@ -299,4 +309,201 @@ async fn records_reach_a_queue_bound_to_the_callbacks_exchange() {
             .await;
     }
     let _ = conn.close(200, ShortString::from("bye")).await;
+}
+
+/// The replicas' summed `callback_deliveries_total{result}`.
+async fn deliveries(cluster: &Cluster, among: &[usize], result: &str) -> Vec<f64> {
+    let label = format!("result=\"{result}\"");
+    let mut v = Vec::new();
+    for &i in among {
+        let n = cluster.replicas[i]
+            .metric("chat_janitor_callback_deliveries_total", &[&label])
+            .await;
+        v.push(n.unwrap_or(0.0));
+    }
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_callbacks_in_broker_mode_outlive_the_replica_that_held_them() {
+    let _broker = BROKER.read().await;
+    let _lock = REPLICAS.lock().await;
+    let users = ["cb0", "cb1", "cb2", "cb3", "cb4", "cb5"];
+    let up = upstream().await;
+    seed(&up, &users);
+    let queue = queue_name("bcb");
+    // The receiver is down (connections refused) until the kill.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let env = [
+        ("CHAT_JANITOR__ADMIN__TOKEN", ADMIN_TOKEN),
+        ("CHAT_JANITOR__CALLBACKS__URL", url.as_str()),
+        ("CHAT_JANITOR__CALLBACKS__SECRET", SECRET),
+        ("CHAT_JANITOR__CALLBACKS__MAX_BACKOFF", "500ms"),
+    ];
+    let (mut cluster, leader) = Cluster::pair(&queue, &up, LINGER_MS, &env).await;
+    let all = cluster.all();
+    let bans: Vec<_> = users.iter().map(|u| ban(u)).collect();
+    publish_bans(&queue, "brec", &bans).await;
+
+    // Every callback is attempted while the receiver is down; each is
+    // held by whichever replica RabbitMQ gave it to.
+    eventually(
+        60,
+        "every callback attempted while the receiver is down",
+        || async {
+            let tried: f64 = deliveries(&cluster, &all, "unreachable").await.iter().sum();
+            let delivered: f64 = deliveries(&cluster, &all, "delivered").await.iter().sum();
+            assert_eq!(delivered, 0.0, "nothing can be delivered yet");
+            // Held in some replica's window, not dropped: nothing is ready.
+            tried >= users.len() as f64 && message_count(&format!("{queue}.callbacks")).await == 0
+        },
+    )
+    .await;
+    let tried = deliveries(&cluster, &all, "unreachable").await;
+    // The replica that holds some of them dies (the leader, if both do).
+    let victim = if tried[leader] > 0.0 {
+        leader
+    } else {
+        all.iter().copied().find(|&i| tried[i] > 0.0).unwrap()
+    };
+    let survivor = cluster.others(victim)[0];
+    cluster.replicas[victim].kill9();
+
+    let seen = web::Data::new(Seen::default());
+    let receiver = start_receiver(port, seen.clone());
+    eventually(60, "every callback delivered by the survivor", || async {
+        let got = seen.got.lock();
+        users.iter().all(|u| {
+            got.iter()
+                .any(|g| g.verified && g.msg_id == format!("fate_brec-{u}_settled"))
+        })
+    })
+    .await;
+    let got = seen.got.lock().clone();
+    assert!(got.iter().all(|g| g.verified), "every callback verifies");
+    for u in users {
+        let c = got
+            .iter()
+            .find(|g| g.msg_id == format!("fate_brec-{u}_settled"))
+            .unwrap();
+        assert_eq!(c.body["type"], "event.settled", "{:#}", c.body);
+        assert_ban_record(&c.body["data"], u);
+        assert_eq!(c.body["timestamp"], c.body["data"]["settled_at"]);
+    }
+    assert!(
+        deliveries(&cluster, &[survivor], "delivered").await[0] >= users.len() as f64,
+        "the survivor delivered them all, the dead replica's included"
+    );
+
+    // Acked once delivered: nothing is left once the survivor stops.
+    cluster.stop_all(&[survivor]).await;
+    assert_eq!(message_count(&format!("{queue}.callbacks")).await, 0);
+    receiver.stop(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_held_past_hold_is_handed_on_with_its_attempts_then_expires_once() {
+    let _broker = BROKER.read().await;
+    let queue = queue_name("bcbh");
+    let link = BrokerLink::new(SecretString::from(AMQP_URL), queue.clone(), 10, 10);
+    let callbacks_queue = callback_queue_name(&queue);
+    let conn = link.connection().await.unwrap();
+    declare_callback_queue(&conn, &callbacks_queue)
+        .await
+        .unwrap();
+    // A dead-letter consumer first, so the dead letter is seen.
+    let ch = conn.create_channel().await.unwrap();
+    let mut dead = ch
+        .basic_consume(
+            ShortString::from(format!("{queue}.dead").as_str()),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let metrics = Metrics::new(["account.deleted"]);
+    let opts = CallbackOptions {
+        url: format!("http://127.0.0.1:{}/hook", free_port()),
+        key: WebhookKey::decode(SECRET).unwrap(),
+        max_age: Duration::from_secs(5),
+        max_backoff: Duration::from_millis(200),
+    };
+    let callbacks = Callbacks::start_queue(
+        link.clone(),
+        BrokerDeadLetters::start(link.clone()),
+        opts,
+        metrics.clone(),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    // What the replica that settled an event publishes.
+    let callback = Callback {
+        msg_id: "fate_held-1_dead_lettered".into(),
+        event_id: "held-1".into(),
+        event_type: "account.deleted".into(),
+        body: br#"{"type":"event.dead_lettered","timestamp":"t","data":{"id":"held-1"}}"#.to_vec(),
+        settled_ms: unix_ms(),
+    };
+    link.publish(
+        "",
+        &callbacks_queue,
+        &callback.body,
+        properties(&callback, &Tries::default(), None),
+    )
+    .await
+    .unwrap();
+
+    let d = tokio::time::timeout(Duration::from_secs(30), dead.next())
+        .await
+        .expect("a dead letter within 30 s")
+        .unwrap()
+        .unwrap();
+    d.acker.ack(BasicAckOptions::default()).await.unwrap();
+    let dl: Value = serde_json::from_slice(&d.data).unwrap();
+    assert_eq!(dl["reason"], "callback_expired", "{dl:#}");
+    assert_eq!(dl["event_id"], "held-1");
+    assert_eq!(dl["event_type"], "account.deleted");
+    assert_eq!(
+        dl["event"],
+        json!({"id": "held-1"}),
+        "the record, from the body"
+    );
+    // Held a second at a time, it was handed on several times, and the
+    // copies carried the attempts: the dead letter counts every attempt
+    // this process made, not only those since the last copy.
+    assert!(
+        callbacks.handed_on() >= 2,
+        "handed on {}",
+        callbacks.handed_on()
+    );
+    let text = metrics.render();
+    let attempts = text
+        .lines()
+        .find(|l| l.starts_with("chat_janitor_callback_deliveries_total{result=\"unreachable\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .unwrap()
+        .to_owned();
+    let detail = dl["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!("({attempts} attempts; last: cannot connect)")),
+        "{detail} (attempts made: {attempts})"
+    );
+    // Acked once its dead letter was confirmed, and only once expired.
+    eventually(10, "the callback queue empty", || async {
+        message_count(&callbacks_queue).await == 0
+    })
+    .await;
+    callbacks.stop().await;
+    assert_eq!(message_count(&callbacks_queue).await, 0, "nothing returned");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), dead.next())
+            .await
+            .is_err(),
+        "one dead letter"
+    );
+    link.close().await;
+    delete_queues(&queue).await;
 }

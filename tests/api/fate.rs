@@ -382,17 +382,17 @@ async fn records_expire_after_the_retention() {
 
 /// A callback as the receiver saw it.
 #[derive(Debug, Clone)]
-struct Got {
-    msg_id: String,
-    body: Value,
-    verified: bool,
+pub(crate) struct Got {
+    pub(crate) msg_id: String,
+    pub(crate) body: Value,
+    pub(crate) verified: bool,
 }
 
 #[derive(Default)]
-struct Seen {
-    got: Mutex<Vec<Got>>,
+pub(crate) struct Seen {
+    pub(crate) got: Mutex<Vec<Got>>,
     /// Answer 503 to this many verified callbacks first.
-    reject_first: Mutex<usize>,
+    pub(crate) reject_first: Mutex<usize>,
 }
 
 /// The Standard Webhooks rules as the `standardwebhooks` libraries apply
@@ -447,13 +447,13 @@ async fn receive(req: HttpRequest, body: web::Bytes, seen: web::Data<Seen>) -> H
 }
 
 /// A port nothing listens on (yet): connections to it are refused.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
 
 /// Starts the receiver on `port`; returns its handle.
-fn start_receiver(port: u16, seen: web::Data<Seen>) -> actix_web::dev::ServerHandle {
+pub(crate) fn start_receiver(port: u16, seen: web::Data<Seen>) -> actix_web::dev::ServerHandle {
     let listener =
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free again");
     let server = HttpServer::new(move || {

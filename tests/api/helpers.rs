@@ -296,7 +296,7 @@ pub async fn message_count(queue: &str) -> u32 {
 }
 
 /// Deletes everything the service declares for `queue`: the work queue,
-/// `.dead`, `.leader`, `.dead-log`, `.sweeps`, `.records` and the `.dlx`
+/// `.dead`, `.leader`, `.dead-log`, `.sweeps`, `.records`, `.callbacks` and the `.dlx`
 /// exchange.
 pub async fn delete_queues(queue: &str) {
     let Ok(conn) =
@@ -311,6 +311,7 @@ pub async fn delete_queues(queue: &str) {
         format!("{queue}.dead-log"),
         format!("{queue}.sweeps"),
         format!("{queue}.records"),
+        format!("{queue}.callbacks"),
     ] {
         // A failed command closes the channel: one channel each.
         if let Ok(ch) = conn.create_channel().await {

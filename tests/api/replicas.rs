@@ -343,7 +343,7 @@ impl Replica {
 
     /// The sum of every sample of the metric `name` whose labels contain
     /// all of `labels` (`key="value"` each); `None` if unreachable or absent.
-    async fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
+    pub(crate) async fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
         sum_metric(&self.metrics().await?, name, labels)
     }
 
@@ -441,6 +441,24 @@ impl Cluster {
         let r = Replica::start(&format!("replica-{i}"), up, &self.queue, linger_ms, env).await;
         self.replicas.push(r);
         i
+    }
+
+    /// Two replicas on `queue`, once exactly one of them is active: the
+    /// cluster and the active one.
+    pub(crate) async fn pair(
+        queue: &str,
+        up: &TestUpstream,
+        linger_ms: u64,
+        env: &[(&str, &str)],
+    ) -> (Cluster, usize) {
+        let mut cluster = Cluster::new(queue);
+        for _ in 0..2 {
+            cluster.add(up, linger_ms, env).await;
+        }
+        let leader = cluster
+            .wait_sole_active(&cluster.all(), 30, "exactly one of two replicas active")
+            .await;
+        (cluster, leader)
     }
 
     /// `dispatch_active` of each replica in `among` (`None`: no answer).
@@ -1201,15 +1219,9 @@ async fn a_paused_leader_is_replaced_and_stays_quiet() {
     first.seed(&up);
     second.seed(&up);
     let queue = queue_name("stop");
-    let mut cluster = Cluster::new(&queue);
     let env = [("CHAT_JANITOR__AMQP__HEARTBEAT_SECONDS", "2")];
-    for _ in 0..2 {
-        cluster.add(&up, LINGER_MS, &env).await;
-    }
+    let (mut cluster, leader) = Cluster::pair(&queue, &up, LINGER_MS, &env).await;
     let all = cluster.all();
-    let leader = cluster
-        .wait_sole_active(&all, 30, "exactly one of two replicas active")
-        .await;
     let other = cluster.others(leader)[0];
     publish_bans(&queue, "sa", &first.bans).await;
     eventually(60, "the leader dispatching", || async {
