@@ -27,7 +27,8 @@
 //!    ids instead (its dedupe-window goal is then not judged).
 //! 8. Callbacks: section 1's drain without, then with completion callbacks
 //!    to a receiver (issue 15): the drain must not slow by more than 5%,
-//!    and every settled event's callback arrives.
+//!    and every settled event's callback arrives; in embedded mode (8) and
+//!    in broker mode through the callback queue (8b).
 //!
 //! Prints a table (and a markdown copy, also written to
 //! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas,external,callbacks`
@@ -338,75 +339,86 @@ async fn run_drain(rep: &mut Report) {
 
 /// Section 8: completion callbacks must not slow the clean-up. The drain of
 /// section 1 again, without and then with `[callbacks] url` set (a receiver
-/// in this process answering 204): the drain time with them against
-/// without, and every callback delivered.
+/// of its own answering 202): the drain time with them against without,
+/// and every callback delivered. 8 is embedded mode (callbacks read from
+/// the record files); 8b broker mode, the drain of section 1c (callbacks
+/// through the queue `<queue>.callbacks`).
 async fn run_callbacks(rep: &mut Report) {
-    const SECTION: &str = "8. Callbacks (drain with / without)";
     println!(
         "
-== 8. Completion callbacks: section 1's drain without, then with callbacks"
+== 8. Completion callbacks: section 1's drain without, then with callbacks (8: embedded, 8b: broker mode)"
     );
-    let without = drain::run(
-        "cb0",
-        UNSUB_BURST,
-        100,
-        Via::Webhooks,
-        Duration::from_secs(90),
-    )
-    .await;
-    print_drain(&without);
     // The receiver: the bare handler of section 7, a process of its own
     // answering 202 to every POST; deliveries are the service's own count.
     let dir = tempfile::tempdir().expect("temp dir");
     let (mut receiver, url) = external::start_bare(dir.path());
-    let with = drain::run_with(
-        "cb1",
-        UNSUB_BURST,
-        100,
-        Via::Webhooks,
-        Duration::from_secs(90),
-        |s| {
-            s.callbacks.url = format!("{url}/hooks");
-            s.callbacks.secret = Some(
-                chat_janitor::domain::WebhookKey::decode(CALLBACK_SECRET).expect("valid secret"),
-            );
-        },
-        true,
-    )
-    .await;
-    print_drain(&with);
-    receiver.kill9();
-    let events = UNSUB_BURST.events() as u64;
-    let (delivered, last) = with.callbacks.unwrap_or_default();
-    let ratio = without.drain.as_secs_f64() / with.drain.as_secs_f64();
-    println!(
-        "  drain {} without, {} with callbacks: {ratio:.3}; callbacks delivered {delivered} of {events}, the last {} after the first call",
-        secs(without.drain),
-        secs(with.drain),
-        secs(last)
-    );
-    rep.row(
-        SECTION,
-        "first to last upstream call, with callbacks",
-        secs(with.drain),
-        format!("without: {}", secs(without.drain)),
-        format!("{ratio:.3} (without / with)"),
-        ">= 0.95",
-        verdict(ratio >= 0.95 && with.complete && without.complete),
-    );
-    rep.row(
-        SECTION,
-        "callbacks delivered (one per settled event)",
-        thousands(delivered),
-        format!(
-            "{} events; the last {} after the first call",
-            thousands(events),
-            secs(last)
+    for (section, via, tag) in [
+        ("8. Callbacks (drain with / without)", Via::Webhooks, "cb"),
+        (
+            "8b. Callbacks, broker mode (drain with / without)",
+            Via::Broker,
+            "cbq",
         ),
-        format!("{:.3}", delivered as f64 / events as f64),
-        "= 1",
-        verdict(delivered >= events),
-    );
+    ] {
+        let without = drain::run(
+            &format!("{tag}0"),
+            UNSUB_BURST,
+            100,
+            via,
+            Duration::from_secs(90),
+        )
+        .await;
+        print_drain(&without);
+        let with = drain::run_with(
+            &format!("{tag}1"),
+            UNSUB_BURST,
+            100,
+            via,
+            Duration::from_secs(90),
+            |s| {
+                s.callbacks.url = format!("{url}/hooks");
+                s.callbacks.secret = Some(
+                    chat_janitor::domain::WebhookKey::decode(CALLBACK_SECRET)
+                        .expect("valid secret"),
+                );
+            },
+            true,
+        )
+        .await;
+        print_drain(&with);
+        let events = UNSUB_BURST.events() as u64;
+        let (delivered, last) = with.callbacks.unwrap_or_default();
+        let ratio = without.drain.as_secs_f64() / with.drain.as_secs_f64();
+        println!(
+            "  {section}: drain {} without, {} with callbacks: {ratio:.3}; callbacks delivered {delivered} of {events}, the last {} after the first call",
+            secs(without.drain),
+            secs(with.drain),
+            secs(last)
+        );
+        rep.row(
+            section,
+            "first to last upstream call, with callbacks",
+            secs(with.drain),
+            format!("without: {}", secs(without.drain)),
+            format!("{ratio:.3} (without / with)"),
+            ">= 0.95",
+            verdict(ratio >= 0.95 && with.complete && without.complete),
+        );
+        rep.row(
+            section,
+            "callbacks delivered (one per settled event)",
+            thousands(delivered),
+            format!(
+                "{} events; the last {} after the first call",
+                thousands(events),
+                secs(last)
+            ),
+            format!("{:.3}", delivered as f64 / events as f64),
+            "= 1",
+            verdict(delivered >= events),
+        );
+    }
+    receiver.kill9();
 }
 
 async fn run_follows(rep: &mut Report) {
