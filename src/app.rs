@@ -94,6 +94,8 @@ impl Application {
         // Where sweeps are kept: the journal, or the broker's sweep log.
         let store;
         let mut broker_link = None;
+        // Broker mode: the record store's progress, for the inbox's acks.
+        let records_durable = Arc::new(tokio::sync::OnceCell::new());
         let (inbox, journal): (Arc<dyn Inbox>, Option<Journal>) = if settings.amqp.enabled() {
             let link = BrokerLink::new(
                 settings.amqp.url.clone(),
@@ -119,7 +121,12 @@ impl Application {
                 active: active.clone(),
             };
             (
-                BrokerInbox::new(link, active.clone(), metrics.clone()),
+                BrokerInbox::new(
+                    link,
+                    active.clone(),
+                    metrics.clone(),
+                    records_durable.clone(),
+                ),
                 None,
             )
         } else {
@@ -138,6 +145,9 @@ impl Application {
             (Some(j), _) => open_records(&settings, j, &metrics, &rules).await,
             (None, link) => open_broker_records(&settings, link, &metrics, &rules),
         };
+        if let Some(d) = fate.as_ref().ok().and_then(|s| s.durable()) {
+            let _ = records_durable.set(d);
+        }
         let (pipeline, handles) = Pipeline::start(
             &settings.batching,
             &settings.dispatch,

@@ -271,7 +271,7 @@ impl Metrics {
             &r,
             IntCounter::new(
                 "callbacks_lost_total",
-                "Completion callbacks never sent: records.max_bytes deleted their record first, or (broker mode) shutdown gave up publishing them.",
+                "Completion callbacks never sent: records.max_bytes deleted their record first, or (broker mode) the record publisher's buffer was full.",
             ),
         );
         let callback_oldest_pending = gauge(

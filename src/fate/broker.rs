@@ -60,7 +60,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,8 +81,8 @@ use super::callbacks::queue::{
 use super::callbacks::{Callback, Tries};
 use super::disk::{DiskStore, StoreOptions};
 use super::{
-    Absent, CallbackCursor, EventRecord, FateError, FateStore, Position, RulesBook, SettledEvent,
-    Status, StoreStats,
+    Absent, CallbackCursor, Durable, EventRecord, FateError, FateStore, Position, RulesBook,
+    SettledEvent, Status, StoreStats,
 };
 use crate::domain::clock::unix_ms;
 use crate::domain::RecordDrop;
@@ -175,6 +175,11 @@ struct Inner {
     /// Stops the reader.
     stop: CancellationToken,
     closed: AtomicBool,
+    /// Records handed to the publisher (counted by `put`) and published
+    /// (counted by the publisher), for the inbox's acks.
+    durable: Durable,
+    handed: Arc<AtomicU64>,
+    published: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -253,6 +258,7 @@ impl BrokerStore {
         }
         let local = DiskStore::open(dir, opts.store, metrics.clone(), book.clone())?;
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
+        let (durable, handed, published) = Durable::new();
         let store = BrokerStore {
             inner: Arc::new(Inner {
                 stream: record_stream_name(&link.queue),
@@ -275,6 +281,9 @@ impl BrokerStore {
                 give_up: CancellationToken::new(),
                 stop: CancellationToken::new(),
                 closed: AtomicBool::new(false),
+                durable,
+                handed,
+                published,
             }),
         };
         let publisher = tokio::spawn(store.clone().publish_loop(rx));
@@ -372,11 +381,13 @@ impl BrokerStore {
     async fn publish_loop(self, mut rx: mpsc::Receiver<Arc<SettledEvent>>) {
         let mut taken = Vec::with_capacity(PUBLISH_GROUP);
         let mut failing = false;
+        let mut published = 0u64;
         loop {
             taken.clear();
             if rx.recv_many(&mut taken, PUBLISH_GROUP).await == 0 {
                 return;
             }
+            let n = taken.len() as u64;
             let mut group: Vec<Out> = Vec::with_capacity(taken.len() + 1);
             if self.inner.exchange.is_some() || self.inner.callback_queue.is_some() {
                 group.extend(taken.iter().cloned().map(Out::Callback));
@@ -395,6 +406,9 @@ impl BrokerStore {
                     if std::mem::take(&mut failing) {
                         tracing::info!(log = %self.inner.stream, "event records are published again");
                     }
+                    // Records and callbacks alike: their events may be acked.
+                    published += n;
+                    self.inner.published.send_replace(published);
                     break;
                 };
                 self.inner.metrics.record_write_error();
@@ -510,27 +524,18 @@ impl BrokerStore {
                 Out::Callback(_) => 0,
             })
             .sum();
-        // Callbacks of this group not published, and of every record left.
-        let mut callbacks = group
-            .iter()
-            .filter(|o| matches!(o, Out::Callback(_)))
-            .count();
-        let with_callbacks = self.inner.exchange.is_some() || self.inner.callback_queue.is_some();
+        // Their events' messages are not acked (the inbox waits for
+        // `durable`): the broker delivers them again, and the replica that
+        // settles them publishes their records and callbacks.
         while rx.try_recv().is_ok() {
             n += 1;
-            if with_callbacks {
-                callbacks += 1;
-            }
-        }
-        if callbacks > 0 {
-            self.inner.metrics.callbacks_lost(callbacks as u64);
         }
         for _ in 0..n {
             self.inner.metrics.record_dropped(RecordDrop::Shutdown);
         }
         self.inner.unpublished.lock().clear();
         if n > 0 {
-            tracing::error!(records = n, log = %self.inner.stream, "event records not published before shutdown; dropped");
+            tracing::error!(records = n, log = %self.inner.stream, "event records not published before shutdown; their events were not acked and are delivered again");
         }
     }
 
@@ -663,12 +668,20 @@ impl FateStore for BrokerStore {
             .unpublished
             .lock()
             .insert(record.id.as_str().into(), record.clone());
-        if let Err(e) = tx.try_send(record.clone()) {
-            self.confirmed(&record);
-            inner.metrics.record_dropped(match e {
-                mpsc::error::TrySendError::Full(_) => RecordDrop::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => RecordDrop::Shutdown,
-            });
+        match tx.try_send(record.clone()) {
+            Ok(()) => {
+                inner.handed.fetch_add(1, Ordering::AcqRel);
+            }
+            Err(e) => {
+                self.confirmed(&record);
+                if inner.callback_queue.is_some() {
+                    inner.metrics.callbacks_lost(1);
+                }
+                inner.metrics.record_dropped(match e {
+                    mpsc::error::TrySendError::Full(_) => RecordDrop::QueueFull,
+                    mpsc::error::TrySendError::Closed(_) => RecordDrop::Shutdown,
+                });
+            }
         }
     }
 
@@ -750,6 +763,10 @@ impl FateStore for BrokerStore {
 
     fn save_cursor(&self, _cursor: Option<CallbackCursor>) -> BoxFuture<'_, Result<(), FateError>> {
         async { Ok(()) }.boxed()
+    }
+
+    fn durable(&self) -> Option<Durable> {
+        Some(self.inner.durable.clone())
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -21,6 +21,9 @@ pub mod kept;
 pub mod record;
 pub mod recorder;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -54,6 +57,46 @@ pub enum FateError {
     Storage(String),
     #[error("the record store is closed")]
     Closed,
+}
+
+/// How far a store has made the records handed to it durable, in hand-over
+/// order. Broker mode's inbox waits for it before it acks a settled event's
+/// message, so an event whose message is gone always has its record (and
+/// its callback) on the broker; one that has not is delivered again and
+/// gets them. A record the store dropped (counted) is not waited for.
+#[derive(Debug, Clone)]
+pub struct Durable {
+    handed: Arc<AtomicU64>,
+    done: watch::Receiver<u64>,
+}
+
+impl Durable {
+    /// A new one, and what the store's writer advances it with.
+    pub fn new() -> (Durable, Arc<AtomicU64>, watch::Sender<u64>) {
+        let handed = Arc::new(AtomicU64::new(0));
+        let (tx, done) = watch::channel(0);
+        (
+            Durable {
+                handed: handed.clone(),
+                done,
+            },
+            handed,
+            tx,
+        )
+    }
+
+    /// Every record handed over so far.
+    pub fn mark(&self) -> u64 {
+        self.handed.load(Ordering::Acquire)
+    }
+
+    /// Returns once every record up to `mark` is durable (never, if the
+    /// store stops first: then the event's message is not acked, and is
+    /// delivered again).
+    pub async fn reached(&self, mark: u64) {
+        let mut done = self.done.clone();
+        let _ = done.wait_for(|n| *n >= mark).await;
+    }
 }
 
 /// What `/metrics` shows about a store.
@@ -122,6 +165,12 @@ pub trait FateStore: Send + Sync + 'static {
     /// turned off: when they are turned on again they start with the
     /// records written from then on).
     fn save_cursor(&self, cursor: Option<CallbackCursor>) -> BoxFuture<'_, Result<(), FateError>>;
+
+    /// How far its writing has got, for an inbox that must not forget an
+    /// event before its record is durable (`None`: it need not wait).
+    fn durable(&self) -> Option<Durable> {
+        None
+    }
 
     /// Writes everything handed over so far and stops the writer (the end
     /// of a graceful shutdown).

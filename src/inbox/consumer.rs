@@ -46,6 +46,7 @@ use super::sweep_log::SWEEP_COMMAND_HEADER;
 use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
 use crate::domain::Active;
 use crate::domain::{DeadLetter, DeadLetterSink, HeldEvent, Source};
+use crate::fate::Durable;
 use crate::telemetry::Metrics;
 
 /// Deliveries handed on ahead of the intake loop.
@@ -87,12 +88,21 @@ pub struct BrokerInbox {
     metrics: Metrics,
     /// The consumer's own connection while it consumes.
     consuming: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
+    /// The record store's progress, once it is open: a settled event's
+    /// message is acked only once its record is published.
+    records: Arc<OnceCell<Durable>>,
 }
 
 impl BrokerInbox {
-    pub fn new(link: Arc<BrokerLink>, active: Active, metrics: Metrics) -> Arc<BrokerInbox> {
+    pub fn new(
+        link: Arc<BrokerLink>,
+        active: Active,
+        metrics: Metrics,
+        records: Arc<OnceCell<Durable>>,
+    ) -> Arc<BrokerInbox> {
         let dead = BrokerDeadLetters::start(link.clone());
         Arc::new(BrokerInbox {
+            records,
             link,
             dead,
             dead_log: Arc::new(OnceCell::new()),
@@ -129,6 +139,7 @@ struct Receipt {
     link: Arc<BrokerLink>,
     acks: TaskTracker,
     settled: Arc<Mutex<RecentIds>>,
+    records: Arc<OnceCell<Durable>>,
 }
 
 impl Settle for Receipt {
@@ -147,12 +158,19 @@ impl Settle for Receipt {
             dead,
             acks,
             settled,
+            records,
             ..
         } = *self;
         settled.lock().insert(id);
+        // The pipeline handed this event's record over just now.
+        let record = records.get().map(|d| (d.clone(), d.mark()));
         acks.spawn(async move {
-            // Dead letters recorded for this event are confirmed first.
+            // Dead letters recorded for this event are confirmed first, and
+            // its record (with its callback) is published.
             dead.flushed().await;
+            if let Some((d, mark)) = record {
+                d.reached(mark).await;
+            }
             // After a reconnect the old channel's acker is refused
             // (Ok(false)); the broker redelivers, and the repeat is
             // idempotent upstream.
@@ -230,6 +248,7 @@ impl Inbox for BrokerInbox {
             metrics: self.metrics.clone(),
             tx,
             consuming: self.consuming.clone(),
+            records: self.records.clone(),
         };
         tokio::spawn(consumer.run(stop));
         futures_util::stream::unfold(rx, |mut rx| async move {
@@ -290,6 +309,7 @@ struct Consumer {
     metrics: Metrics,
     tx: mpsc::Sender<Delivery>,
     consuming: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
+    records: Arc<OnceCell<Durable>>,
 }
 
 /// Closes a connection, not waiting long for a broker that is gone.
@@ -467,6 +487,7 @@ impl Consumer {
                 link: self.link.clone(),
                 acks: self.acks.clone(),
                 settled: self.settled.clone(),
+                records: self.records.clone(),
             }),
         })
     }

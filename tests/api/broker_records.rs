@@ -35,7 +35,9 @@ use crate::fate::{free_port, start_receiver, Seen};
 use crate::helpers::{
     delete_queues, eventually, message_count, TestUpstream, ADMIN_TOKEN, AMQP_URL, BROKER, SECRET,
 };
-use crate::replicas::{publish_bans, queue_name, upstream, Cluster, REPLICAS};
+use crate::replicas::{
+    publish_bans, queue_depth, queue_name, upstream, wait_queue_empty, Cluster, REPLICAS,
+};
 
 const LINGER_MS: u64 = 50;
 const CHANNEL: &str = "@TOA#_brec";
@@ -348,15 +350,19 @@ async fn http_callbacks_in_broker_mode_outlive_the_replica_that_held_them() {
 
     // Every callback is attempted while the receiver is down; each is
     // held by whichever replica RabbitMQ gave it to.
+    let callbacks = format!("{queue}.callbacks");
     eventually(
         60,
-        "every callback attempted while the receiver is down",
+        "every callback published, held and attempted",
         || async {
             let tried: f64 = deliveries(&cluster, &all, "unreachable").await.iter().sum();
             let delivered: f64 = deliveries(&cluster, &all, "delivered").await.iter().sum();
             assert_eq!(delivered, 0.0, "nothing can be delivered yet");
-            // Held in some replica's window, not dropped: nothing is ready.
-            tried >= users.len() as f64 && message_count(&format!("{queue}.callbacks")).await == 0
+            // All on the queue (ready and unacked), none ready: each is held
+            // in some replica's window.
+            tried >= users.len() as f64
+                && queue_depth(&callbacks) == Some(users.len() as u64)
+                && message_count(&callbacks).await == 0
         },
     )
     .await;
@@ -396,9 +402,9 @@ async fn http_callbacks_in_broker_mode_outlive_the_replica_that_held_them() {
         "the survivor delivered them all, the dead replica's included"
     );
 
-    // Acked once delivered: nothing is left once the survivor stops.
+    // Acked once delivered: nothing is left, ready or unacked.
+    wait_queue_empty(&callbacks, 30).await;
     cluster.stop_all(&[survivor]).await;
-    assert_eq!(message_count(&format!("{queue}.callbacks")).await, 0);
     receiver.stop(true).await;
 }
 
@@ -491,13 +497,9 @@ async fn a_callback_held_past_hold_is_handed_on_with_its_attempts_then_expires_o
         detail.contains(&format!("({attempts} attempts; last: cannot connect)")),
         "{detail} (attempts made: {attempts})"
     );
-    // Acked once its dead letter was confirmed, and only once expired.
-    eventually(10, "the callback queue empty", || async {
-        message_count(&callbacks_queue).await == 0
-    })
-    .await;
+    // Acked once its dead letter was confirmed (ready and unacked: none).
+    wait_queue_empty(&callbacks_queue, 30).await;
     callbacks.stop().await;
-    assert_eq!(message_count(&callbacks_queue).await, 0, "nothing returned");
     assert!(
         tokio::time::timeout(Duration::from_secs(2), dead.next())
             .await
@@ -506,4 +508,95 @@ async fn a_callback_held_past_hold_is_handed_on_with_its_attempts_then_expires_o
     );
     link.close().await;
     delete_queues(&queue).await;
+}
+
+/// RabbitMQ's memory alarm, raised: every connection that publishes is
+/// blocked (a consumer's own connection is not) until it is dropped, which
+/// puts the watermark back as it was.
+struct PublishersBlocked(String);
+
+impl PublishersBlocked {
+    fn on() -> PublishersBlocked {
+        let ctl = |args: &[&str]| {
+            std::process::Command::new("rabbitmqctl")
+                .args(args)
+                .output()
+                .expect("rabbitmqctl runs")
+        };
+        let was = ctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+        let was = String::from_utf8_lossy(&was.stdout).trim().to_owned();
+        assert!(was.parse::<f64>().is_ok(), "the watermark: {was:?}");
+        assert!(ctl(&["set_vm_memory_high_watermark", "0"]).status.success());
+        PublishersBlocked(was)
+    }
+}
+
+impl Drop for PublishersBlocked {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_acked_only_once_its_record_and_callback_are_published() {
+    // The alarm blocks every publisher on the broker: no other broker test
+    // runs meanwhile.
+    let _broker = BROKER.write().await;
+    let _lock = REPLICAS.lock().await;
+    let up = upstream().await;
+    seed(&up, &["ack1", "other"]);
+    let queue = queue_name("back");
+    let seen = web::Data::new(Seen::default());
+    let port = free_port();
+    let receiver = start_receiver(port, seen.clone());
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let env = [
+        ("CHAT_JANITOR__ADMIN__TOKEN", ADMIN_TOKEN),
+        ("CHAT_JANITOR__CALLBACKS__URL", url.as_str()),
+        ("CHAT_JANITOR__CALLBACKS__SECRET", SECRET),
+    ];
+    // A replica declares the queues and stops; the event waits on the
+    // queue for the next one, which starts with publishers blocked: it can
+    // consume, dispatch and ack (its consumer's connection publishes
+    // nothing), but not publish the event's record or callback.
+    let mut cluster = Cluster::new(&queue);
+    let zero = cluster.add(&up, LINGER_MS, &env).await;
+    cluster
+        .wait_sole_active(&[zero], 30, "the replica active")
+        .await;
+    cluster.stop_all(&[zero]).await;
+    publish_bans(&queue, "brec", &[ban("ack1")]).await;
+    let alarm = PublishersBlocked::on();
+    let first = cluster.add(&up, LINGER_MS, &env).await;
+    eventually(60, "the removal made upstream", || async {
+        cluster.replicas[first].proxy.count() >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        queue_depth(&queue),
+        Some(1),
+        "the event's message stays unacked while its record cannot be published:\n{}",
+        cluster.replicas[first].log_tail(40)
+    );
+
+    // Killed now, it leaves the message to the next replica, which settles
+    // the event again (a no-op upstream) and publishes both.
+    cluster.replicas[first].kill9();
+    let second = cluster.add(&up, LINGER_MS, &env).await;
+    drop(alarm);
+    eventually(60, "the callback delivered", || async {
+        seen.got
+            .lock()
+            .iter()
+            .any(|g| g.verified && g.msg_id == "fate_brec-ack1_settled")
+    })
+    .await;
+    let r = settled_record(&cluster.replicas[second].url(""), "brec-ack1").await;
+    assert_eq!(r["user_id"], "ack1", "{r:#}");
+    wait_queue_empty(&queue, 60).await;
+    cluster.stop_all(&[second]).await;
+    receiver.stop(true).await;
 }

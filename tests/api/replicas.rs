@@ -662,7 +662,7 @@ async fn consumers(queue: &str) -> u32 {
 /// Each look runs `rabbitmqctl` (AMQP's passive declare counts only ready
 /// messages), about half a second of CPU, so it looks twice a second, not
 /// at `eventually`'s pace, beside the replicas it is waiting for.
-async fn wait_queue_empty(queue: &str, secs: u64) {
+pub(crate) async fn wait_queue_empty(queue: &str, secs: u64) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let depth = queue_depth(queue);
@@ -678,7 +678,7 @@ async fn wait_queue_empty(queue: &str, secs: u64) {
 }
 
 /// Messages in `queue`, ready and unacked, from `rabbitmqctl`.
-fn queue_depth(queue: &str) -> Option<u64> {
+pub(crate) fn queue_depth(queue: &str) -> Option<u64> {
     let out = std::process::Command::new("rabbitmqctl")
         .args([
             "list_queues",

@@ -66,7 +66,12 @@ impl Sender {
             }
             self.window.pump();
             self.advance().await;
-            let wake = self.window.wake().into_iter().chain(read_again_at).min();
+            let wake = self
+                .window
+                .wake(|_| None)
+                .into_iter()
+                .chain(read_again_at)
+                .min();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,

@@ -184,7 +184,8 @@ impl QueueSender {
         let ended = loop {
             self.window.pump();
             self.finish();
-            let wake = self.window.wake();
+            let hold = self.hold;
+            let wake = self.window.wake(|s| Some(s.at.since + hold));
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break Ok(()),
@@ -259,8 +260,12 @@ impl QueueSender {
                     tokio::spawn(async move {
                         match link.publish("", &queue, &s.callback.body, props).await {
                             Ok(()) => {
-                                handed_on.fetch_add(1, Ordering::Relaxed);
-                                let _ = acker.ack(BasicAckOptions::default()).await;
+                                // If the ack fails (the channel is gone),
+                                // the original comes back too: a repeat,
+                                // under the same webhook-id.
+                                if let Ok(true) = acker.ack(BasicAckOptions::default()).await {
+                                    handed_on.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot hand on a long-held callback; it returns to the queue");

@@ -249,13 +249,23 @@ impl<K> Window<K> {
         }
     }
 
-    /// When something is next due: an attempt, or a waiting callback's
-    /// `max_age`.
-    pub fn wake(&self) -> Option<Instant> {
+    /// When something is next due: an attempt (unless `CONCURRENCY`
+    /// attempts are in flight already: then the end of one wakes the
+    /// sender), a waiting callback's `max_age`, or what `also` says of a
+    /// waiting callback (broker mode: the end of its hold).
+    pub fn wake(&self, also: impl Fn(&Slot<K>) -> Option<Instant>) -> Option<Instant> {
+        let can_send = self.in_flight < CONCURRENCY;
         self.slots
             .iter()
             .filter(|s| s.state == State::Waiting)
-            .map(|s| s.next_at.min(self.expiry(s)))
+            .map(|s| {
+                let due = if can_send {
+                    s.next_at.min(self.expiry(s))
+                } else {
+                    self.expiry(s)
+                };
+                also(s).map_or(due, |t| t.min(due))
+            })
             .min()
     }
 
