@@ -321,6 +321,9 @@ async fn open_records(
             return (Err(NoRecords::Unavailable(e.to_string())), None);
         }
     };
+    if let Some(d) = store.durable() {
+        journal.settle_after_records(d);
+    }
     let c = &settings.callbacks;
     let callbacks = match (&c.secret, c.enabled()) {
         (Some(key), true) => {

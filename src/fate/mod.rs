@@ -60,10 +60,11 @@ pub enum FateError {
 }
 
 /// How far a store has made the records handed to it durable, in hand-over
-/// order. Broker mode's inbox waits for it before it acks a settled event's
-/// message, so an event whose message is gone always has its record (and
-/// its callback) on the broker; one that has not is delivered again and
-/// gets them. A record the store dropped (counted) is not waited for.
+/// order. The inbox waits for it before it forgets a settled event (broker
+/// mode acks its message; the journal applies its settle), so an event it
+/// has forgotten always has its record (and its callback); one it has not
+/// is delivered again after a crash and gets them. A record the store
+/// dropped (counted) is not waited for.
 #[derive(Debug, Clone)]
 pub struct Durable {
     handed: Arc<AtomicU64>,
@@ -88,6 +89,11 @@ impl Durable {
     /// Every record handed over so far.
     pub fn mark(&self) -> u64 {
         self.handed.load(Ordering::Acquire)
+    }
+
+    /// Whether every record up to `mark` is durable now.
+    pub fn is_reached(&self, mark: u64) -> bool {
+        *self.done.borrow() >= mark
     }
 
     /// Returns once every record up to `mark` is durable (never, if the

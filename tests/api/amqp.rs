@@ -379,6 +379,71 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     app.stop().await;
     assert_eq!(message_count(&queue).await, 0);
     delete_queues(&queue).await;
+    // The tests after this one declare new streams (records), which a
+    // broker just restarted may not take yet: they wait for nothing else.
+    wait_streams_usable().await;
+}
+
+/// Waits (up to a minute) until RabbitMQ declares a new stream and
+/// confirms a publish to it.
+async fn wait_streams_usable() {
+    use lapin::options::QueueDeleteOptions;
+    use lapin::types::{AMQPValue, LongString};
+    let name = format!("cj-probe-{}", std::process::id());
+    eventually(60, "a new stream usable after the restart", || async {
+        let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await else {
+            return false;
+        };
+        let usable = async {
+            let ch = conn.create_channel().await.ok()?;
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .ok()?;
+            ch.queue_declare(
+                ShortString::from(name.as_str()),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                {
+                    let mut t = FieldTable::default();
+                    t.insert(
+                        ShortString::from("x-queue-type"),
+                        AMQPValue::LongString(LongString::from("stream")),
+                    );
+                    t
+                },
+            )
+            .await
+            .ok()?;
+            let confirm = ch
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(name.as_str()),
+                    Default::default(),
+                    b"probe",
+                    BasicProperties::default(),
+                )
+                .await
+                .ok()?;
+            let ok = confirm.await.ok()?.is_ack();
+            let _ = ch
+                .queue_delete(
+                    ShortString::from(name.as_str()),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+            Some(ok)
+        };
+        let ok = tokio::time::timeout(Duration::from_secs(5), usable)
+            .await
+            .ok()
+            .flatten()
+            == Some(true);
+        let _ = conn.close(200, ShortString::from("bye")).await;
+        ok
+    })
+    .await;
 }
 
 fn rabbitmqctl(cmd: &str) {

@@ -600,6 +600,78 @@ async fn a_settled_events_record_survives_kill_9() {
     child.wait().unwrap();
 }
 
+#[tokio::test]
+async fn a_kill_9_before_a_settled_events_record_is_durable_replays_the_event() {
+    let dir = temp_dir();
+    let journal = dir.path().join("journal");
+    // The record store's own filesystem, filled once the service runs: its
+    // records cannot be written, the journal's are.
+    let records = journal.join("records");
+    if !mount_tmpfs(&records, "size=1m") {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    let up = TestUpstream::start().await;
+    up.emulator.seed(Seed {
+        channels: vec![SeedChannel::new("@TOA#_rw", ["rw1", "rw2"])],
+        ..Seed::default()
+    });
+    let token = [("CHAT_JANITOR__ADMIN__TOKEN", ADMIN_TOKEN)];
+    let (mut child, port) =
+        start_serve_full(dir.path(), &up.running.base_url(), 20, &journal, &token);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(records.join("filler")).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let ev =
+        json!({"type": "account.deleted", "data": {"user_id": "rw1", "channels": ["@TOA#_rw"]}});
+    assert_eq!(post(port, "rw-del-1", &ev).await, 202);
+    eventually(10, "the removal made upstream", || async {
+        !up.emulator
+            .subscribers("@TOA#_rw")
+            .unwrap()
+            .contains(&"rw1".to_owned())
+    })
+    .await;
+    // Past the settle's checkpoint (at most a second after the settle),
+    // had the settle not waited for the record.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let calls = up.emulator.calls().len();
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+    // Room again (the store's files go with the tmpfs).
+    umount(&records);
+
+    let (mut child, port) =
+        start_serve_full(dir.path(), &up.running.base_url(), 20, &journal, &token);
+    let get = || async move {
+        reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/v1/events/rw-del-1"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap_or(serde_json::Value::Null)
+    };
+    eventually(30, "the replayed event's record written", || async {
+        get().await["status"] == "settled"
+    })
+    .await;
+    assert!(
+        up.emulator.calls().len() > calls,
+        "the event was replayed (its settle was never applied)"
+    );
+    let r = get().await;
+    assert_eq!(r["user_id"], "rw1", "{r:#}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// `GLIBC_TUNABLES` in the environment the kernel shows for `pid` (after
 /// any exec), if set.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -32,8 +32,8 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{oneshot, watch};
 
 use super::{
-    Absent, CallbackCursor, EventRecord, FateError, FateStore, Position, RulesBook, SettledEvent,
-    StoreStats,
+    Absent, CallbackCursor, Durable, EventRecord, FateError, FateStore, Position, RulesBook,
+    SettledEvent, StoreStats,
 };
 use crate::domain::clock::unix_ms;
 use crate::domain::RecordDrop;
@@ -90,6 +90,9 @@ struct Inner {
     metrics: Metrics,
     written: watch::Receiver<Option<Position>>,
     closed: AtomicBool,
+    /// Records handed over (counted by `put`) and released by the writer.
+    durable: Durable,
+    handed: Arc<AtomicU64>,
 }
 
 /// A sealed data file and how to find its records.
@@ -270,6 +273,7 @@ impl DiskStore {
             cursor: Mutex::new(cursor),
         });
         let (written_tx, written) = watch::channel(last);
+        let (durable, handed, released) = Durable::new();
         let (tx, rx) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let writer = Writer::new(
@@ -278,6 +282,7 @@ impl DiskStore {
             queued.clone(),
             metrics.clone(),
             written_tx,
+            released,
             next_id,
         );
         std::thread::Builder::new()
@@ -292,6 +297,8 @@ impl DiskStore {
                 metrics,
                 written,
                 closed: AtomicBool::new(false),
+                durable,
+                handed,
             }),
         })
     }
@@ -319,6 +326,8 @@ impl DiskStore {
             inner.queued.fetch_sub(1, Ordering::AcqRel);
             inner.shared.written(&record);
             inner.metrics.record_dropped(RecordDrop::Shutdown);
+        } else {
+            inner.handed.fetch_add(1, Ordering::AcqRel);
         }
     }
 
@@ -430,6 +439,10 @@ impl FateStore for DiskStore {
 
     fn written(&self) -> watch::Receiver<Option<Position>> {
         self.inner.written.clone()
+    }
+
+    fn durable(&self) -> Option<Durable> {
+        Some(self.inner.durable.clone())
     }
 
     fn cursor(&self) -> Option<CallbackCursor> {

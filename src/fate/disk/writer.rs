@@ -66,6 +66,10 @@ pub(super) struct Writer {
     queued: Arc<AtomicUsize>,
     metrics: Metrics,
     written: watch::Sender<Option<Position>>,
+    /// Records handed over and no longer held (written, or dropped): the
+    /// journal applies an event's settle once its record is counted here.
+    released: u64,
+    durable: watch::Sender<u64>,
     held: VecDeque<Held>,
     next_id: u64,
     retry_at: Option<Instant>,
@@ -83,6 +87,7 @@ impl Writer {
         queued: Arc<AtomicUsize>,
         metrics: Metrics,
         written: watch::Sender<Option<Position>>,
+        durable: watch::Sender<u64>,
         next_id: u64,
     ) -> Writer {
         Writer {
@@ -91,6 +96,8 @@ impl Writer {
             queued,
             metrics,
             written,
+            released: 0,
+            durable,
             held: VecDeque::new(),
             next_id,
             retry_at: None,
@@ -149,6 +156,7 @@ impl Writer {
             if self.last_maintenance.elapsed() >= MAINTENANCE_EVERY {
                 self.maintain();
             }
+            self.announce_released();
             for s in syncs {
                 let _ = s.send(());
             }
@@ -158,6 +166,12 @@ impl Writer {
                 return;
             }
         }
+    }
+
+    fn announce_released(&self) {
+        let n = self.released;
+        self.durable
+            .send_if_modified(|v| std::mem::replace(v, n) != n);
     }
 
     fn next_wake(&self) -> Duration {
@@ -186,6 +200,7 @@ impl Writer {
         while self.held.len() > MAX_HELD {
             if let Some(h) = self.held.pop_front() {
                 self.shared.written(&h.record);
+                self.released += 1;
                 self.metrics.record_dropped(RecordDrop::StorageError);
             }
         }
@@ -269,6 +284,7 @@ impl Writer {
         for h in self.held.drain(..n) {
             self.shared.written(&h.record);
         }
+        self.released += n as u64;
         self.metrics.records_written(n);
         if let Some(offset) = last {
             self.written.send_replace(Some(Position {
@@ -471,8 +487,10 @@ impl Writer {
         self.write_held();
         for h in self.held.drain(..) {
             self.shared.written(&h.record);
+            self.released += 1;
             self.metrics.record_dropped(RecordDrop::StorageError);
         }
+        self.announce_released();
         self.seal_open();
     }
 }

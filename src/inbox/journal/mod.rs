@@ -29,6 +29,7 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 pub use crate::config::JournalTuning as Tuning;
 use crate::domain::clock::unix_now;
 use crate::domain::DeadLetter;
+use crate::fate::Durable;
 pub use crate::storage_faults::StorageFaults;
 
 /// Also the event records' index (the `fate` module's store): its
@@ -169,6 +170,9 @@ struct Shared {
     /// Records not durably settled (`journal_events`).
     pending: AtomicU64,
     faults: Option<StorageFaults>,
+    /// The record store's progress: a settle is applied once the record
+    /// its event settled with is durable.
+    records: std::sync::OnceLock<Durable>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -394,6 +398,7 @@ impl Journal {
             committed: Notify::new(),
             pending: AtomicU64::new(0),
             faults: faults.clone(),
+            records: std::sync::OnceLock::new(),
         });
         let recovered = recover(&shared, faults.as_ref())?;
         let legacy = shared
@@ -462,9 +467,20 @@ impl Journal {
         self.inner.closed.store(true, Ordering::Release);
     }
 
-    /// Marks a record settled.
+    /// Marks a record settled, once every event record handed to the
+    /// record store so far (this event's included) is durable.
     pub fn settle(&self, seq: u64) {
-        let _ = self.inner.tx.send(Cmd::Settle(seq));
+        let records = self.inner.shared.records.get().map_or(0, Durable::mark);
+        let _ = self.inner.tx.send(Cmd::Settle(seq, records));
+    }
+
+    /// From now on a settle waits for the event's record to be durable in
+    /// `records` (at most `writer::RECORDS_WAIT`), so a kill -9 never
+    /// leaves a settled event without its record: until its settle is
+    /// applied and checkpointed, the event is replayed after a restart and
+    /// its record written then.
+    pub fn settle_after_records(&self, records: Durable) {
+        let _ = self.inner.shared.records.set(records);
     }
 
     /// Records a dead letter as it is (`dl.event` already filled in);

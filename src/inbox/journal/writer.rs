@@ -45,7 +45,8 @@ pub(super) enum Cmd {
         body: Vec<u8>,
         reply: AppendReply,
     },
-    Settle(u64),
+    /// A record's seq, and the record store's count it waits for.
+    Settle(u64, u64),
     /// A dead letter, and where its event's record is if `event` is to be
     /// filled in from it.
     DeadLetter(Box<DeadLetter>, Option<Loc>),
@@ -66,6 +67,11 @@ pub(super) enum Cmd {
 
 /// Most commands taken into one cycle.
 const MAX_GROUP: usize = 4_096;
+/// How often the writer looks whether records it waits for are durable
+/// (the record store gathers for 20 ms before it writes).
+const RECORDS_POLL: Duration = Duration::from_millis(5);
+/// Longest a settle waits for its event's record.
+pub const RECORDS_WAIT: Duration = Duration::from_secs(30);
 /// Settles are made durable (the checkpoint) at most this long after they
 /// happen, so a kill -9 replays at most this much.
 pub const SETTLE_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -96,6 +102,11 @@ pub(super) struct Writer {
     held_dead: Vec<(DeadLetter, Option<Loc>)>,
     /// Settles waiting for those dead letters.
     held_settles: VecDeque<u64>,
+    /// Settles waiting for their events' records (seq, the record store's
+    /// count, since when), in the order they came.
+    awaiting_records: VecDeque<(u64, u64, Instant)>,
+    /// Settles stopped waiting for records (logged once).
+    records_late: bool,
     /// A dead letter was dropped: settles from then on are not applied, so
     /// their events (and that dead letter) come back after a restart.
     dead_overflowed: bool,
@@ -176,6 +187,8 @@ impl Writer {
             merger,
             held_dead: Vec::new(),
             held_settles: VecDeque::new(),
+            awaiting_records: VecDeque::new(),
+            records_late: false,
             dead_overflowed: false,
             live_total,
             unsynced_settled: 0,
@@ -306,8 +319,42 @@ impl Writer {
         if let Some(t) = self.retry_at {
             at = at.min(t);
         }
+        if !self.awaiting_records.is_empty() {
+            at = at.min(now + RECORDS_POLL);
+        }
         at.saturating_duration_since(now)
             .max(Duration::from_millis(1))
+    }
+
+    /// Applies (or holds behind dead letters) the settles whose records
+    /// are durable, in the order they came; one that waited `RECORDS_WAIT`
+    /// goes on without (the record store cannot write: its records are
+    /// counted as dropped, the clean-up is not held up by them).
+    fn release_settles(&mut self) {
+        if self.awaiting_records.is_empty() {
+            return;
+        }
+        let records = self.shared.records.get().cloned();
+        while let Some(&(seq, mark, since)) = self.awaiting_records.front() {
+            if records.as_ref().is_some_and(|r| !r.is_reached(mark)) {
+                if since.elapsed() < RECORDS_WAIT {
+                    break;
+                }
+                if !std::mem::replace(&mut self.records_late, true) {
+                    tracing::warn!(
+                        "event records are not written within {RECORDS_WAIT:?}; settles go on without waiting for them (a kill -9 may leave settled events without a record)"
+                    );
+                }
+            } else if std::mem::take(&mut self.records_late) {
+                tracing::info!("event records are written again; settles wait for them");
+            }
+            self.awaiting_records.pop_front();
+            if self.held_dead.is_empty() {
+                self.apply_settle(seq);
+            } else {
+                self.hold_settle(seq);
+            }
+        }
     }
 
     fn may_write(&self) -> bool {
@@ -327,12 +374,9 @@ impl Writer {
                     body,
                     reply,
                 } => appends.push((id, fp, body, reply)),
-                Cmd::Settle(seq) => {
-                    if self.held_dead.is_empty() {
-                        self.apply_settle(seq);
-                    } else {
-                        self.hold_settle(seq);
-                    }
+                Cmd::Settle(seq, records) => {
+                    self.awaiting_records
+                        .push_back((seq, records, Instant::now()));
                 }
                 Cmd::DeadLetter(dl, at) => self.hold_dead(*dl, at),
                 Cmd::Replay { ids, reply } => replays.push((ids, reply)),
@@ -348,6 +392,7 @@ impl Writer {
                 }
             }
         }
+        self.release_settles();
         if let Some(reply) = shutdown {
             self.refuse(appends);
             for (_, r) in replays {
