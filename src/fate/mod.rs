@@ -96,9 +96,10 @@ impl Durable {
         *self.done.borrow() >= mark
     }
 
-    /// Returns once every record up to `mark` is durable (never, if the
-    /// store stops first: then the event's message is not acked, and is
-    /// delivered again).
+    /// Returns once every record up to `mark` is durable, or the store is
+    /// gone (it outlives the inbox, which closes after it). A store that
+    /// gives up at shutdown never gets there: the event's message is then
+    /// not acked, and is delivered again.
     pub async fn reached(&self, mark: u64) {
         let mut done = self.done.clone();
         let _ = done.wait_for(|n| *n >= mark).await;

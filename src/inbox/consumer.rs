@@ -87,7 +87,7 @@ pub struct BrokerInbox {
     settled: Arc<Mutex<RecentIds>>,
     metrics: Metrics,
     /// The consumer's own connection while it consumes.
-    consuming: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
+    consuming: Arc<Mutex<Option<Consuming>>>,
     /// A settled event's message is acked only once its record is
     /// published.
     records: Arc<RecordAcks>,
@@ -340,13 +340,20 @@ impl Inbox for BrokerInbox {
             self.acks.close();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.acks.wait()).await;
             let consuming = self.consuming.lock().take();
-            if let Some(conn) = consuming {
-                close_quickly(&conn, "shutdown").await;
+            if let Some(c) = consuming {
+                close_quickly(&c.conn, "shutdown").await;
             }
             self.link.close().await;
         }
         .boxed()
     }
+}
+
+/// The consumer's connection and channel while it consumes, kept after it
+/// stops until shutdown has acked what settled (acks wait for records).
+struct Consuming {
+    conn: Arc<lapin::Connection>,
+    channel: Option<lapin::Channel>,
 }
 
 /// The consuming task: one connection at a time, reconnecting with backoff.
@@ -359,7 +366,7 @@ struct Consumer {
     settled: Arc<Mutex<RecentIds>>,
     metrics: Metrics,
     tx: mpsc::Sender<Delivery>,
-    consuming: Arc<Mutex<Option<Arc<lapin::Connection>>>>,
+    consuming: Arc<Mutex<Option<Consuming>>>,
     records: Arc<RecordAcks>,
 }
 
@@ -432,11 +439,20 @@ impl Consumer {
         let conn = Arc::new(conn);
         // Kept until shutdown has acked what settled (see `close`), or
         // dropped with the lease.
-        let old = self.consuming.lock().replace(conn.clone());
+        let old = self.consuming.lock().replace(Consuming {
+            conn: conn.clone(),
+            channel: None,
+        });
         if let Some(old) = old {
-            close_quickly(&old, "replaced").await;
+            close_quickly(&old.conn, "replaced").await;
         }
         let channel = conn.create_channel().await?;
+        // Held with the connection: the channel must outlive this function
+        // (stopped, it returns) until shutdown has acked what settled, and
+        // a dropped channel closes.
+        if let Some(c) = self.consuming.lock().as_mut() {
+            c.channel = Some(channel.clone());
+        }
         channel
             .basic_qos(self.link.prefetch, BasicQosOptions::default())
             .await?;
@@ -508,9 +524,14 @@ impl Consumer {
         if !replayed && self.settled.lock().set.contains(&id) {
             self.metrics.event_duplicate(Source::Amqp);
             tracing::debug!(message_id = %id, "repeat of a settled message dropped");
-            self.acks.spawn(async move {
-                let _ = d.acker.ack(BasicAckOptions::default()).await;
-            });
+            // Its first copy's record may not be published yet (that ack
+            // waited, and a reconnect returned the message): this ack
+            // waits as long.
+            if let Some(durable) = self.records.durable.get() {
+                let _ = self.records.tx.send((durable.mark(), d.acker));
+            } else {
+                self.acks.spawn(ack(d.acker));
+            }
             return None;
         }
         let sweep = d

@@ -322,12 +322,16 @@ impl DiskStore {
             .unwritten
             .lock()
             .insert(record.id.as_str().into(), record.clone());
+        // Counted before it is sent: a mark read on another thread meanwhile
+        // then waits for this record too, never for fewer than were sent
+        // before it. (A send that fails, once the writer stopped, leaves
+        // the count one high: later settles then wait out RECORDS_WAIT or
+        // are replayed, never applied early.)
+        inner.handed.fetch_add(1, Ordering::AcqRel);
         if inner.tx.send(Cmd::Put(record.clone())).is_err() {
             inner.queued.fetch_sub(1, Ordering::AcqRel);
             inner.shared.written(&record);
             inner.metrics.record_dropped(RecordDrop::Shutdown);
-        } else {
-            inner.handed.fetch_add(1, Ordering::AcqRel);
         }
     }
 
