@@ -13,10 +13,10 @@ use anyhow::Context;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{CallbackSettings, Settings};
 use crate::dispatch::Active;
 use crate::domain::clock::unix_now;
-use crate::domain::DeadLetterSink;
+use crate::domain::{DeadLetterSink, WebhookKey};
 use crate::emulator::{Emulator, EmulatorConfig, RunningEmulator, Seed, SeedChannel, SeedFollow};
 use crate::fate::broker::{self as broker_records, BrokerStore, BrokerStoreOptions};
 use crate::fate::callbacks::{queue as callback_queue, CallbackOptions, Callbacks};
@@ -145,8 +145,16 @@ impl Application {
             (Some(j), _) => open_records(&settings, j, &metrics, &rules).await,
             (None, link) => open_broker_records(&settings, link, &metrics, &rules),
         };
+        // The inbox forgets a settled event only once its record is
+        // durable: the journal applies the settle, or the broker's
+        // message is acked.
         if let Some(d) = fate.as_ref().ok().and_then(|s| s.durable()) {
-            let _ = records_durable.set(d);
+            match &journal {
+                Some(j) => j.settle_after_records(d),
+                None => {
+                    let _ = records_durable.set(d);
+                }
+            }
         }
         let (pipeline, handles) = Pipeline::start(
             &settings.batching,
@@ -321,19 +329,11 @@ async fn open_records(
             return (Err(NoRecords::Unavailable(e.to_string())), None);
         }
     };
-    if let Some(d) = store.durable() {
-        journal.settle_after_records(d);
-    }
     let c = &settings.callbacks;
     let callbacks = match (&c.secret, c.enabled()) {
         (Some(key), true) => {
             let sink: Arc<dyn DeadLetterSink> = Arc::new(journal.clone());
-            let opts = CallbackOptions {
-                url: c.url.clone(),
-                key: key.clone(),
-                max_age: c.max_age,
-                max_backoff: c.max_backoff,
-            };
+            let opts = callback_options(c, key);
             match Callbacks::start(store.clone(), sink, opts, metrics.clone()).await {
                 Ok(cb) => Some(cb),
                 Err(e) => {
@@ -396,12 +396,7 @@ fn open_broker_records(
     };
     let callbacks = match (&c.secret, c.enabled()) {
         (Some(key), true) => {
-            let opts = CallbackOptions {
-                url: c.url.clone(),
-                key: key.clone(),
-                max_age: c.max_age,
-                max_backoff: c.max_backoff,
-            };
+            let opts = callback_options(c, key);
             let dead = BrokerDeadLetters::start(link.clone());
             match Callbacks::start_queue(link, dead, opts, metrics.clone(), callback_queue::HOLD) {
                 Ok(cb) => Some(cb),
@@ -414,6 +409,16 @@ fn open_broker_records(
         _ => None,
     };
     (Ok(store), callbacks)
+}
+
+/// Where and how callbacks go, from `[callbacks]`.
+fn callback_options(c: &CallbackSettings, key: &WebhookKey) -> CallbackOptions {
+    CallbackOptions {
+        url: c.url.clone(),
+        key: key.clone(),
+        max_age: c.max_age,
+        max_backoff: c.max_backoff,
+    }
 }
 
 fn spawn_id_pruning(journal: Journal, stop: CancellationToken) {

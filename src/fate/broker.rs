@@ -60,7 +60,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -178,7 +178,6 @@ struct Inner {
     /// Records handed to the publisher (counted by `put`) and published
     /// (counted by the publisher), for the inbox's acks.
     durable: Durable,
-    handed: Arc<AtomicU64>,
     published: watch::Sender<u64>,
 }
 
@@ -258,7 +257,7 @@ impl BrokerStore {
         }
         let local = DiskStore::open(dir, opts.store, metrics.clone(), book.clone())?;
         let (tx, rx) = mpsc::channel(MAX_QUEUED);
-        let (durable, handed, published) = Durable::new();
+        let (durable, published) = Durable::new();
         let store = BrokerStore {
             inner: Arc::new(Inner {
                 stream: record_stream_name(&link.queue),
@@ -282,7 +281,6 @@ impl BrokerStore {
                 stop: CancellationToken::new(),
                 closed: AtomicBool::new(false),
                 durable,
-                handed,
                 published,
             }),
         };
@@ -669,9 +667,8 @@ impl FateStore for BrokerStore {
             .lock()
             .insert(record.id.as_str().into(), record.clone());
         match tx.try_send(record.clone()) {
-            Ok(()) => {
-                inner.handed.fetch_add(1, Ordering::AcqRel);
-            }
+            // Counted under the buffer's lock, in the order sent.
+            Ok(()) => inner.durable.handed_one(),
             Err(e) => {
                 self.confirmed(&record);
                 if inner.callback_queue.is_some() {

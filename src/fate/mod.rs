@@ -73,17 +73,16 @@ pub struct Durable {
 
 impl Durable {
     /// A new one, and what the store's writer advances it with.
-    pub fn new() -> (Durable, Arc<AtomicU64>, watch::Sender<u64>) {
-        let handed = Arc::new(AtomicU64::new(0));
+    pub fn new() -> (Durable, watch::Sender<u64>) {
         let (tx, done) = watch::channel(0);
-        (
-            Durable {
-                handed: handed.clone(),
-                done,
-            },
-            handed,
-            tx,
-        )
+        let handed = Arc::new(AtomicU64::new(0));
+        (Durable { handed, done }, tx)
+    }
+
+    /// Counts one more record handed to the store (before it is sent to
+    /// the writer: a mark read meanwhile then covers it too).
+    pub fn handed_one(&self) {
+        self.handed.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Every record handed over so far.

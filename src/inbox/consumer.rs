@@ -102,6 +102,8 @@ struct RecordAcks {
     durable: Arc<OnceCell<Durable>>,
     tx: mpsc::UnboundedSender<(u64, Acker)>,
     closing: CancellationToken,
+    dead: Arc<BrokerDeadLetters>,
+    acks: TaskTracker,
 }
 
 impl RecordAcks {
@@ -112,7 +114,8 @@ impl RecordAcks {
     ) -> Arc<RecordAcks> {
         let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Acker)>();
         let closing = CancellationToken::new();
-        let (cell, stop, tracker) = (durable.clone(), closing.clone(), acks.clone());
+        let (cell, stop, tracker, dead_letters) =
+            (durable.clone(), closing.clone(), acks.clone(), dead.clone());
         acks.spawn(async move {
             loop {
                 // Once closing, what is queued is still released.
@@ -125,7 +128,7 @@ impl RecordAcks {
                 if let Some(d) = cell.get() {
                     d.reached(mark).await;
                 }
-                dead.flushed().await;
+                dead_letters.flushed().await;
                 tracker.spawn(ack(acker));
             }
         });
@@ -133,7 +136,25 @@ impl RecordAcks {
             durable,
             tx,
             closing,
+            dead,
+            acks,
         })
+    }
+
+    /// Acks a settled event's message once the dead letters recorded so
+    /// far are confirmed and, once the record store is open, every record
+    /// handed to it so far (this event's included) is published.
+    fn release(&self, acker: Acker) {
+        if let Some(d) = self.durable.get() {
+            // Refused only once shutdown gave up: then it is redelivered.
+            let _ = self.tx.send((d.mark(), acker));
+            return;
+        }
+        let dead = self.dead.clone();
+        self.acks.spawn(async move {
+            dead.flushed().await;
+            ack(acker).await;
+        });
     }
 }
 
@@ -209,25 +230,13 @@ impl Settle for Receipt {
         let Receipt {
             id,
             acker,
-            dead,
-            acks,
             settled,
             records,
             ..
         } = *self;
         settled.lock().insert(id);
-        // The pipeline handed this event's record over just now: its ack
-        // waits for it (and for the dead letters recorded before).
-        if let Some(d) = records.durable.get() {
-            // Refused only once shutdown gave up: then it is redelivered.
-            let _ = records.tx.send((d.mark(), acker));
-            return;
-        }
-        acks.spawn(async move {
-            // Dead letters recorded for this event are confirmed first.
-            dead.flushed().await;
-            ack(acker).await;
-        });
+        // The pipeline handed this event's record over just now.
+        records.release(acker);
     }
 
     fn dead_lettered(self: Box<Self>, dl: DeadLetter, body: Vec<u8>) {
@@ -527,11 +536,7 @@ impl Consumer {
             // Its first copy's record may not be published yet (that ack
             // waited, and a reconnect returned the message): this ack
             // waits as long.
-            if let Some(durable) = self.records.durable.get() {
-                let _ = self.records.tx.send((durable.mark(), d.acker));
-            } else {
-                self.acks.spawn(ack(d.acker));
-            }
+            self.records.release(d.acker);
             return None;
         }
         let sweep = d

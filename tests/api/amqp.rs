@@ -405,14 +405,10 @@ async fn wait_streams_usable() {
                     durable: true,
                     ..Default::default()
                 },
-                {
-                    let mut t = FieldTable::default();
-                    t.insert(
-                        ShortString::from("x-queue-type"),
-                        AMQPValue::LongString(LongString::from("stream")),
-                    );
-                    t
-                },
+                chat_janitor::inbox::broker::table(&[(
+                    "x-queue-type",
+                    AMQPValue::LongString(LongString::from("stream")),
+                )]),
             )
             .await
             .ok()?;

@@ -92,7 +92,6 @@ struct Inner {
     closed: AtomicBool,
     /// Records handed over (counted by `put`) and released by the writer.
     durable: Durable,
-    handed: Arc<AtomicU64>,
 }
 
 /// A sealed data file and how to find its records.
@@ -273,7 +272,7 @@ impl DiskStore {
             cursor: Mutex::new(cursor),
         });
         let (written_tx, written) = watch::channel(last);
-        let (durable, handed, released) = Durable::new();
+        let (durable, released) = Durable::new();
         let (tx, rx) = std::sync::mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let writer = Writer::new(
@@ -298,7 +297,6 @@ impl DiskStore {
                 written,
                 closed: AtomicBool::new(false),
                 durable,
-                handed,
             }),
         })
     }
@@ -327,7 +325,7 @@ impl DiskStore {
         // before it. (A send that fails, once the writer stopped, leaves
         // the count one high: later settles then wait out RECORDS_WAIT or
         // are replayed, never applied early.)
-        inner.handed.fetch_add(1, Ordering::AcqRel);
+        inner.durable.handed_one();
         if inner.tx.send(Cmd::Put(record.clone())).is_err() {
             inner.queued.fetch_sub(1, Ordering::AcqRel);
             inner.shared.written(&record);
