@@ -468,8 +468,7 @@ pub struct Backlog {
 
 impl Backlog {
     fn slot(&self, api: Api) -> &AtomicUsize {
-        let i = Api::ALL.iter().position(|a| *a == api).unwrap_or(0);
-        &self.waiting[i]
+        &self.waiting[api.index()]
     }
 
     pub fn queued(&self, api: Api) {
@@ -487,8 +486,9 @@ impl Backlog {
     }
 }
 
-/// How often a batch kept open past its linger (the API is saturated) is
-/// looked at again.
+/// How often the batches kept open past their linger (their API is
+/// saturated) are looked at again: only the oldest of each API, so this
+/// costs the same with one such batch or a hundred thousand.
 const RECHECK: Duration = Duration::from_millis(10);
 /// A batch kept open past its linger goes anyway after this many lingers
 /// (and at least `MIN_HOLD`), so a small key is not starved behind a long
@@ -512,9 +512,12 @@ pub struct Coalescer {
     open: HashMap<BatchKey, Batch>,
     /// Open order; deadlines are monotonic because linger is constant.
     order: VecDeque<Due>,
-    /// Batches past their linger kept open while their API is saturated;
-    /// monotonic too (always now + RECHECK).
-    postponed: VecDeque<Due>,
+    /// Batches past their linger kept open while their API is saturated,
+    /// one queue per API (`Api::index`), in the order they opened; `at` is
+    /// when each goes whatever the API's state (`opened + hold`).
+    postponed: [VecDeque<Due>; Api::ALL.len()],
+    /// When the postponed batches are next looked at, while there are any.
+    recheck: Option<Instant>,
     backlog: Arc<Backlog>,
     linger: Duration,
     max_open_keys: usize,
@@ -540,7 +543,8 @@ impl Coalescer {
         Coalescer {
             open: HashMap::new(),
             order: VecDeque::new(),
-            postponed: VecDeque::new(),
+            postponed: Default::default(),
+            recheck: None,
             backlog,
             linger,
             max_open_keys: max_open_keys.max(1),
@@ -562,10 +566,12 @@ impl Coalescer {
     ) {
         let mut input_open = true;
         loop {
-            let deadline = [self.order.front(), self.postponed.front()]
-                .into_iter()
-                .flatten()
-                .map(|d| d.at)
+            let deadline = self
+                .postponed
+                .iter()
+                .chain([&self.order])
+                .filter_map(|q| q.front().map(|d| d.at))
+                .chain(self.recheck)
                 .min();
             tokio::select! {
                 biased;
@@ -611,14 +617,11 @@ impl Coalescer {
             return Ok(());
         }
         if self.open.len() >= self.max_open_keys {
-            // Bounded memory: the oldest open batch goes now, not full
-            // (entries of batches already gone are skipped).
-            while let Some(oldest) = self.order.pop_front() {
-                if self.is_current(&oldest) {
-                    let b = self.open.remove(&oldest.key).expect("current");
-                    self.send(b).await?;
-                    break;
-                }
+            // Bounded memory: the oldest open batch goes now, not full,
+            // whether it lingers or is held past its linger.
+            if let Some(oldest) = self.pop_oldest() {
+                let b = self.open.remove(&oldest.key).expect("current");
+                self.send(b).await?;
             }
         }
         let generation = self.generation;
@@ -638,6 +641,32 @@ impl Coalescer {
     }
 
     /// Whether `due` is the entry of the batch open now for its key.
+    /// Takes the entry of the batch that opened first out of its queue;
+    /// entries of batches already gone are dropped on the way.
+    fn pop_oldest(&mut self) -> Option<Due> {
+        let open = &self.open;
+        let current = |d: &Due| {
+            open.get(&d.key)
+                .is_some_and(|b| b.generation == d.generation)
+        };
+        let queues = self.postponed.iter_mut().chain([&mut self.order]);
+        let mut oldest: Option<&mut VecDeque<Due>> = None;
+        for q in queues {
+            while q.front().is_some_and(|d| !current(d)) {
+                q.pop_front();
+            }
+            let Some(front) = q.front() else { continue };
+            let older = match oldest.as_ref().and_then(|o| o.front()) {
+                Some(o) => front.opened < o.opened,
+                None => true,
+            };
+            if older {
+                oldest = Some(q);
+            }
+        }
+        oldest.and_then(VecDeque::pop_front)
+    }
+
     fn is_current(&self, due: &Due) -> bool {
         self.open
             .get(&due.key)
@@ -704,23 +733,37 @@ impl Coalescer {
 
     async fn flush_due(&mut self) -> Result<(), Closed> {
         let now = Instant::now();
-        let mut due = Vec::new();
-        for queue in [&mut self.order, &mut self.postponed] {
-            while queue.front().is_some_and(|d| d.at <= now) {
-                due.push(queue.pop_front().expect("front exists"));
+        let hold = (self.linger * MAX_LINGERS).max(MIN_HOLD);
+        // Those held past their linger first: they are older. Each API's
+        // queue is looked at from its front only, and stops at the first
+        // batch still to be held.
+        for i in 0..self.postponed.len() {
+            while let Some(d) = self.postponed[i].front() {
+                if self.is_current(d)
+                    && now < d.at
+                    && !self.draining
+                    && self.backlog.waiting(d.key.api()) > 0
+                {
+                    break;
+                }
+                let d = self.postponed[i].pop_front().expect("front exists");
+                if self.is_current(&d) {
+                    let b = self.open.remove(&d.key).expect("present");
+                    self.send(b).await?;
+                }
             }
         }
-        for d in due {
+        while self.order.front().is_some_and(|d| d.at <= now) {
+            let d = self.order.pop_front().expect("front exists");
             if !self.is_current(&d) {
                 continue;
             }
             // While batches of this API wait for the limiter, a partly full
             // one would only queue behind them: keep filling it.
-            let saturated = self.backlog.waiting(d.key.api()) > 0;
-            let hold = (self.linger * MAX_LINGERS).max(MIN_HOLD);
-            if saturated && !self.draining && now < d.opened + hold {
-                self.postponed.push_back(Due {
-                    at: now + RECHECK,
+            let api = d.key.api();
+            if self.backlog.waiting(api) > 0 && !self.draining && now < d.opened + hold {
+                self.postponed[api.index()].push_back(Due {
+                    at: d.opened + hold,
                     ..d
                 });
                 continue;
@@ -728,6 +771,11 @@ impl Coalescer {
             let b = self.open.remove(&d.key).expect("present");
             self.send(b).await?;
         }
+        self.recheck = self
+            .postponed
+            .iter()
+            .any(|q| !q.is_empty())
+            .then(|| now + RECHECK);
         self.metrics.set_open_keys(self.open.len());
         self.give_back_room();
         Ok(())
@@ -742,7 +790,7 @@ impl Coalescer {
         if self.open.capacity() > SMALL && self.open.len() < self.open.capacity() / 4 {
             self.open.shrink_to(self.open.len() * 2);
         }
-        for q in [&mut self.order, &mut self.postponed] {
+        for q in self.postponed.iter_mut().chain([&mut self.order]) {
             if q.capacity() > SMALL && q.len() < q.capacity() / 4 {
                 q.shrink_to(q.len() * 2);
             }
@@ -751,7 +799,8 @@ impl Coalescer {
 
     async fn flush_all(&mut self) -> Result<(), Closed> {
         self.order.clear();
-        self.postponed.clear();
+        self.postponed.iter_mut().for_each(VecDeque::clear);
+        self.recheck = None;
         let batches: Vec<Batch> = self.open.drain().map(|(_, b)| b).collect();
         self.metrics.set_open_keys(0);
         for b in batches {
@@ -909,6 +958,48 @@ mod tests {
         let b = h.sent().pop().expect("one batch");
         assert_eq!(accounts(&b), ["same", "other"]);
         assert_eq!((b.size(), b.item_count()), (2, 5_001));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_their_linger_batches_are_held_while_their_api_is_saturated() {
+        let mut h = Harness::new(3);
+        let api = Api::DeleteSubscriber;
+        h.c.backlog.queued(api);
+        for c in ["a", "b", "c"] {
+            h.act(unsub(c, "u1")).await;
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        h.c.flush_due().await.unwrap();
+        assert!(h.sent().is_empty(), "saturated: all three are held");
+        assert!(h.c.recheck.is_some());
+        // Held batches keep filling.
+        h.act(unsub("b", "u2")).await;
+        // The open-key bound counts held batches too: the oldest goes.
+        h.act(unsub("d", "u1")).await;
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].key(), &BatchKey::Unsubscribe(chan("a")));
+        // The API frees up: one held batch goes per look, oldest first.
+        h.c.backlog.started(api);
+        h.c.backlog.started(api);
+        h.c.flush_due().await.unwrap();
+        let sent = h.sent();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].key(), &BatchKey::Unsubscribe(chan("b")));
+        assert_eq!(accounts(&sent[0]), ["u1", "u2"]);
+        // Still saturated by that one: the rest go when their hold ends.
+        tokio::time::advance(MAX_LINGERS * Duration::from_secs(60)).await;
+        h.c.flush_due().await.unwrap();
+        let keys: Vec<BatchKey> = h.sent().iter().map(|b| b.key().clone()).collect();
+        assert_eq!(
+            keys,
+            [
+                BatchKey::Unsubscribe(chan("c")),
+                BatchKey::Unsubscribe(chan("d"))
+            ]
+        );
+        assert!(h.c.recheck.is_none(), "nothing held");
     }
 
     #[tokio::test]

@@ -35,6 +35,11 @@ impl Api {
         Api::CreateOfficialAccount,
     ];
 
+    /// Its place in `ALL`, for tables with a slot per API.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The command segment of the URL; also the metric label.
     pub fn name(self) -> &'static str {
         match self {
@@ -55,5 +60,17 @@ impl Api {
 impl fmt::Display for Api {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Api;
+
+    #[test]
+    fn index_is_the_place_in_all() {
+        for (i, api) in Api::ALL.iter().enumerate() {
+            assert_eq!(api.index(), i, "{api}");
+        }
     }
 }
