@@ -280,6 +280,8 @@ struct Recovered {
     next_seq: u64,
     flushed_seq: u64,
     runs: Vec<Arc<dedupe::Run>>,
+    /// Settled segments kept to be written over.
+    spares: Vec<PathBuf>,
 }
 
 /// Reads the log, the checkpoint and the runs back: which records are live,
@@ -289,6 +291,7 @@ fn recover(shared: &Shared, faults: Option<&StorageFaults>) -> Result<Recovered,
     let flushed_seq = runs.iter().map(|r| r.span.last_seq).max().unwrap_or(0);
     let ckpt = settled::read(&shared.dir).unwrap_or_default();
     let mut bases = Vec::new();
+    let mut spares = Vec::new();
     for entry in
         std::fs::read_dir(&shared.log_dir).map_err(|e| cannot_open_io(&shared.log_dir, e))?
     {
@@ -296,6 +299,8 @@ fn recover(shared: &Shared, faults: Option<&StorageFaults>) -> Result<Recovered,
         let name = entry.file_name();
         if let Some(base) = name.to_str().and_then(log::parse_segment_name) {
             bases.push((base, entry.path()));
+        } else if name.to_str().is_some_and(log::is_spare_name) {
+            spares.push(entry.path());
         }
     }
     bases.sort();
@@ -306,6 +311,7 @@ fn recover(shared: &Shared, faults: Option<&StorageFaults>) -> Result<Recovered,
         next_seq: ckpt.next_seq.max(flushed_seq + 1).max(1),
         flushed_seq,
         runs,
+        spares,
     };
     for (base, path) in bases {
         // A segment whose creation a crash cut short holds nothing that was

@@ -79,6 +79,17 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Segments and spares in the log directory.
+fn log_files(log_dir: &Path) -> (usize, usize) {
+    let names: Vec<String> = std::fs::read_dir(log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let segs = names.iter().filter(|n| n.ends_with(".seg")).count();
+    let spares = names.iter().filter(|n| log::is_spare_name(n)).count();
+    (segs, spares)
+}
+
 fn dead_letter(event_id: &str) -> DeadLetter {
     DeadLetter {
         id: 0,
@@ -156,10 +167,14 @@ async fn settled_segments_are_deleted_so_the_disk_comes_back() {
         j.settle(s);
     }
     j.sync().await.unwrap();
+    // All deleted but the spares kept to be written over (two at most).
     eventually(15, "settled segments deleted", || async {
-        dir_bytes(&log_dir) == 0
+        let (segs, spares) = log_files(&log_dir);
+        segs == 0 && spares <= 2
     })
     .await;
+    let kept = dir_bytes(&log_dir);
+    assert!(kept <= 2 * 2 * SMALL.segment_bytes, "{kept} bytes kept");
     assert_eq!(j.pending(), 0);
     assert!(live(&j).await.is_empty());
     // The ids stay in the dedupe window after their events are gone.
@@ -171,6 +186,40 @@ async fn settled_segments_are_deleted_so_the_disk_comes_back() {
         std::fs::read_dir(dir.path().join("ids")).unwrap().count() >= 1,
         "ids flushed into runs"
     );
+}
+
+#[tokio::test]
+async fn a_spare_is_written_over_and_its_old_records_never_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    {
+        let j = open_small(dir.path());
+        // Groups well under a segment, so segments are of their usual size.
+        for r in 0..30 {
+            for s in round(&j, r * 20, 20, 200).await {
+                j.settle(s);
+            }
+        }
+        j.sync().await.unwrap();
+        eventually(15, "spares kept", || async {
+            log_files(&log_dir) == (0, 2)
+        })
+        .await;
+        // Short records into the recycled file: its old, longer records
+        // remain after them.
+        round(&j, 600, 5, 10).await;
+        assert_eq!(log_files(&log_dir), (1, 1), "a spare became the segment");
+        assert_eq!(live(&j).await.len(), 5);
+        j.shutdown().await;
+    }
+    // After a restart the scan stops where the new records end.
+    let j = open_small(dir.path());
+    let back = ids(&live(&j).await);
+    let want: Vec<String> = (600..605).map(|i| format!("id-{i}")).collect();
+    assert_eq!(back, want);
+    // And the log goes on after them.
+    round(&j, 605, 40, 200).await;
+    assert_eq!(live(&j).await.len(), 45);
 }
 
 #[tokio::test]

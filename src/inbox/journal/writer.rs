@@ -128,7 +128,14 @@ pub(super) struct Writer {
     files_removed: bool,
     buf: Vec<u8>,
     tuning: Tuning,
+    /// Settled segments kept to be written over (`Segment::recycle`), at
+    /// most `SPARES`.
+    spares: Vec<PathBuf>,
 }
+
+/// Settled segments kept for reuse: one is enough while the log turns
+/// over, a second covers a burst that seals two before the next look.
+const SPARES: usize = 2;
 
 fn drain_into(rx: &Receiver<Cmd>, group: &mut Vec<Cmd>) {
     while group.len() < MAX_GROUP {
@@ -176,7 +183,12 @@ impl Writer {
             // Merges a restart interrupted, or a day that ended meanwhile.
             let _ = m.send(());
         }
+        let mut spares = r.spares;
+        for extra in spares.split_off(spares.len().min(SPARES)) {
+            let _ = std::fs::remove_file(extra);
+        }
         Writer {
+            spares,
             shared,
             rx,
             active: None,
@@ -592,18 +604,25 @@ impl Writer {
             self.seal_active();
         }
         let nonce = rand::random::<u64>();
-        let seg = Segment::create(
-            &self.shared.log_dir,
-            first_seq,
-            nonce,
-            self.shared.faults.as_ref(),
-        )
-        .map_err(|e| {
-            (
-                Fault::io(&e),
-                log::segment_path(&self.shared.log_dir, first_seq),
+        let seg = self
+            .recycled(first_seq, nonce)
+            .map_or_else(
+                || {
+                    Segment::create(
+                        &self.shared.log_dir,
+                        first_seq,
+                        nonce,
+                        self.shared.faults.as_ref(),
+                    )
+                },
+                Ok,
             )
-        })?;
+            .map_err(|e| {
+                (
+                    Fault::io(&e),
+                    log::segment_path(&self.shared.log_dir, first_seq),
+                )
+            })?;
         let view = Arc::new(SegView {
             seg: Arc::new(seg),
             end: std::sync::atomic::AtomicU64::new(HEADER_LEN),
@@ -613,6 +632,24 @@ impl Writer {
         self.shared.segments.write().insert(first_seq, view.clone());
         self.active = Some((first_seq, view.clone()));
         Ok(view)
+    }
+
+    /// A spare made the segment for `base`, if there is one and that
+    /// works; a spare that fails is removed (a new file is made instead).
+    fn recycled(&mut self, base: u64, nonce: u64) -> Option<Segment> {
+        let spare = self.spares.pop()?;
+        let dir = &self.shared.log_dir;
+        match Segment::recycle(&spare, dir, base, nonce, self.shared.faults.as_ref()) {
+            Ok(seg) => Some(seg),
+            Err(e) => {
+                tracing::debug!(error = %e, path = %spare.display(), "a spare journal segment could not be reused; removed");
+                // Nothing was written to the new segment yet, whichever
+                // name the failure left it under.
+                let _ = std::fs::remove_file(&spare);
+                let _ = std::fs::remove_file(log::segment_path(dir, base));
+                None
+            }
+        }
     }
 
     /// The active segment takes no more records; an empty one goes at once.
@@ -843,13 +880,31 @@ impl Writer {
         for base in &gone {
             self.shared.live.lock().remove(base);
             if let Some(view) = self.shared.segments.write().remove(base) {
+                // Kept to be written over if there is room among the
+                // spares, and it is about a segment's size (a short one
+                // would grow again; one group can make a segment larger,
+                // and a spare that large would hold that disk for good).
+                let len = view.end.load(Ordering::Relaxed);
+                let size = self.tuning.segment_bytes;
+                if self.spares.len() < SPARES && len * 2 >= size && len <= size * 2 {
+                    let spare = log::spare_path(&self.shared.log_dir, *base);
+                    match std::fs::rename(&view.seg.path, &spare) {
+                        Ok(()) => {
+                            self.spares.push(spare);
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, path = %view.seg.path.display(), "a settled journal segment could not be kept as a spare")
+                        }
+                    }
+                }
                 if let Err(e) = std::fs::remove_file(&view.seg.path) {
                     tracing::warn!(error = %e, path = %view.seg.path.display(), "a settled journal segment could not be removed");
                 }
             }
         }
-        // A removal the disk forgot would bring the segment back, all live,
-        // after a crash: sync the directory.
+        // A removal (or a rename to spare) the disk forgot would bring the
+        // segment back, all live, after a crash: sync the directory.
         if let Err(e) = log::sync_dir(&self.shared.log_dir, self.shared.faults.as_ref()) {
             tracing::debug!(error = %e, "journal directory not synced after removals");
         }
