@@ -640,7 +640,6 @@ impl Coalescer {
         Ok(())
     }
 
-    /// Whether `due` is the entry of the batch open now for its key.
     /// Takes the entry of the batch that opened first out of its queue;
     /// entries of batches already gone are dropped on the way.
     fn pop_oldest(&mut self) -> Option<Due> {
@@ -667,6 +666,7 @@ impl Coalescer {
         oldest.and_then(VecDeque::pop_front)
     }
 
+    /// Whether `due` is the entry of the batch open now for its key.
     fn is_current(&self, due: &Due) -> bool {
         self.open
             .get(&due.key)

@@ -1,5 +1,8 @@
-//! The event log: append-only segment files of checksummed records, the
-//! embedded mode's durable copy of every accepted event.
+//! The event log: segment files of checksummed records, appended to in
+//! order, the embedded mode's durable copy of every accepted event. A
+//! settled segment may be kept as a spare and written over from its start
+//! by a later segment (`Segment::recycle`), so a segment's end is where its
+//! records stop, not where its file does.
 //!
 //! A segment is `log/<base seq>.seg`: a 32-byte header (magic, base seq, a
 //! random nonce that ties checkpoints to this very file) and then records,
@@ -176,9 +179,21 @@ pub fn segment_path(dir: &Path, base: u64) -> PathBuf {
 }
 
 /// A spare's name: a settled segment kept to be written over by a later
-/// one (`Segment::recycle`). It does not parse as a segment's name.
-pub fn spare_path(dir: &Path, base: u64) -> PathBuf {
-    dir.join(format!("{base:020}.spare"))
+/// one (`Segment::recycle`). It does not parse as a segment's name. `above`
+/// is a seq above every record the file holds (the writer's next seq when
+/// it was set aside): a restart raises its next seq to it, so a segment
+/// made from the spare always starts above the old records left in it.
+/// `base` (the segment it was) keeps two spares set aside at once apart.
+pub fn spare_path(dir: &Path, above: u64, base: u64) -> PathBuf {
+    dir.join(format!("{above:020}-{base:020}.spare"))
+}
+
+/// The seq a spare's name says is above all its records; `None` if the
+/// name is not a spare's.
+pub fn parse_spare_name(name: &str) -> Option<u64> {
+    let (above, base) = name.strip_suffix(".spare")?.split_once('-')?;
+    base.parse::<u64>().ok()?;
+    above.parse().ok()
 }
 
 /// Whether a file in the log directory is a spare.
@@ -281,6 +296,10 @@ impl Segment {
             f.check_open()?;
         }
         let file = OpenOptions::new().read(true).write(true).open(spare)?;
+        // The spare's name first: were the rename that made it a spare
+        // still undone on disk, a crash after the new header could leave
+        // the old segment's name on a file whose header says otherwise.
+        sync_dir(dir, faults)?;
         let mut seg = Segment {
             file,
             path: spare.to_owned(),
@@ -483,7 +502,11 @@ mod tests {
             encode_event(&mut buf, seq, 1000, "old", b"{}");
         }
         s.write_at(HEADER_LEN, &buf).unwrap();
-        let spare = spare_path(dir.path(), 7);
+        let spare = spare_path(dir.path(), 20, 7);
+        assert_eq!(
+            parse_spare_name(&spare.file_name().unwrap().to_string_lossy()),
+            Some(20)
+        );
         std::fs::rename(&s.path, &spare).unwrap();
         // Reused, and a crash before any record was written.
         let r = Segment::recycle(&spare, dir.path(), 50, 43, None).unwrap();

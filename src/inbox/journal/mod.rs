@@ -299,8 +299,11 @@ fn recover(shared: &Shared, faults: Option<&StorageFaults>) -> Result<Recovered,
         let name = entry.file_name();
         if let Some(base) = name.to_str().and_then(log::parse_segment_name) {
             bases.push((base, entry.path()));
+        } else if let Some(above) = name.to_str().and_then(log::parse_spare_name) {
+            spares.push((above, entry.path()));
         } else if name.to_str().is_some_and(log::is_spare_name) {
-            spares.push(entry.path());
+            // Not a name the writer gives: not trusted to be reused.
+            let _ = std::fs::remove_file(entry.path());
         }
     }
     bases.sort();
@@ -308,10 +311,14 @@ fn recover(shared: &Shared, faults: Option<&StorageFaults>) -> Result<Recovered,
         segments: BTreeMap::new(),
         live: BTreeMap::new(),
         memtable: Memtable::default(),
-        next_seq: ckpt.next_seq.max(flushed_seq + 1).max(1),
+        // Above every record a spare still holds too (see `spare_path`).
+        next_seq: spares
+            .iter()
+            .map(|(above, _)| *above)
+            .fold(ckpt.next_seq.max(flushed_seq + 1).max(1), u64::max),
         flushed_seq,
         runs,
-        spares,
+        spares: spares.into_iter().map(|(_, path)| path).collect(),
     };
     for (base, path) in bases {
         // A segment whose creation a crash cut short holds nothing that was

@@ -205,9 +205,10 @@ async fn a_spare_is_written_over_and_its_old_records_never_come_back() {
             log_files(&log_dir) == (0, 2)
         })
         .await;
-        // Short records into the recycled file: its old, longer records
-        // remain after them.
-        round(&j, 600, 5, 10).await;
+        // Records of the same size into the recycled file: an old record
+        // that checks out follows the last new one, and its seq ends the
+        // segment.
+        round(&j, 600, 5, 200).await;
         assert_eq!(log_files(&log_dir), (1, 1), "a spare became the segment");
         assert_eq!(live(&j).await.len(), 5);
         j.shutdown().await;
@@ -220,6 +221,45 @@ async fn a_spare_is_written_over_and_its_old_records_never_come_back() {
     // And the log goes on after them.
     round(&j, 605, 40, 200).await;
     assert_eq!(live(&j).await.len(), 45);
+}
+
+#[tokio::test]
+async fn a_restart_numbers_records_above_what_the_spares_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_dir = dir.path().join("log");
+    {
+        let j = open_small(dir.path());
+        // Ids of one length, as the new ones below: records of one size,
+        // so an old record starts right where the new ones end.
+        for r in 0..30 {
+            for s in round(&j, 100 + r * 20, 20, 200).await {
+                j.settle(s);
+            }
+        }
+        j.sync().await.unwrap();
+        eventually(15, "spares kept", || async { log_files(&log_dir).1 == 2 }).await;
+        j.shutdown().await;
+    }
+    // Nothing else left to say how far seqs went: no segment, no
+    // checkpoint, no runs (as if their writes had been lost).
+    for e in std::fs::read_dir(&log_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "seg") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let _ = std::fs::remove_file(dir.path().join("settled.ckpt"));
+    std::fs::remove_dir_all(dir.path().join("ids")).unwrap();
+    {
+        let j = open_small(dir.path());
+        round(&j, 700, 5, 200).await;
+        j.shutdown().await;
+    }
+    // The new records went to a spare; none of its old ones came back.
+    let j = open_small(dir.path());
+    let back = ids(&live(&j).await);
+    let want: Vec<String> = (700..705).map(|i| format!("id-{i}")).collect();
+    assert_eq!(back, want);
 }
 
 #[tokio::test]

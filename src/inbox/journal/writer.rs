@@ -887,7 +887,7 @@ impl Writer {
                 let len = view.end.load(Ordering::Relaxed);
                 let size = self.tuning.segment_bytes;
                 if self.spares.len() < SPARES && len * 2 >= size && len <= size * 2 {
-                    let spare = log::spare_path(&self.shared.log_dir, *base);
+                    let spare = log::spare_path(&self.shared.log_dir, self.next_seq, *base);
                     match std::fs::rename(&view.seg.path, &spare) {
                         Ok(()) => {
                             self.spares.push(spare);
