@@ -643,15 +643,10 @@ impl Coalescer {
     /// Takes the entry of the batch that opened first out of its queue;
     /// entries of batches already gone are dropped on the way.
     fn pop_oldest(&mut self) -> Option<Due> {
-        let open = &self.open;
-        let current = |d: &Due| {
-            open.get(&d.key)
-                .is_some_and(|b| b.generation == d.generation)
-        };
         let queues = self.postponed.iter_mut().chain([&mut self.order]);
         let mut oldest: Option<&mut VecDeque<Due>> = None;
         for q in queues {
-            while q.front().is_some_and(|d| !current(d)) {
+            while q.front().is_some_and(|d| !current(&self.open, d)) {
                 q.pop_front();
             }
             let Some(front) = q.front() else { continue };
@@ -666,11 +661,8 @@ impl Coalescer {
         oldest.and_then(VecDeque::pop_front)
     }
 
-    /// Whether `due` is the entry of the batch open now for its key.
     fn is_current(&self, due: &Due) -> bool {
-        self.open
-            .get(&due.key)
-            .is_some_and(|b| b.generation == due.generation)
+        current(&self.open, due)
     }
 
     async fn add_member(
@@ -820,6 +812,13 @@ impl Coalescer {
         }
         Ok(())
     }
+}
+
+/// Whether `due` is the entry of the batch open now for its key (the
+/// deadline queues keep entries of batches that went or reopened).
+fn current(open: &HashMap<BatchKey, Batch>, due: &Due) -> bool {
+    open.get(&due.key)
+        .is_some_and(|b| b.generation == due.generation)
 }
 
 #[derive(Debug)]

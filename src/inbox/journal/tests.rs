@@ -90,6 +90,19 @@ fn log_files(log_dir: &Path) -> (usize, usize) {
     (segs, spares)
 }
 
+/// Appends 600 events (ids from `first`) and settles them, until two
+/// settled segments are kept as spares. Groups are well under a segment,
+/// so segments are of their usual size.
+async fn settle_into_spares(j: &Journal, log_dir: &Path, first: usize) {
+    for r in 0..30 {
+        for s in round(j, first + r * 20, 20, 200).await {
+            j.settle(s);
+        }
+    }
+    j.sync().await.unwrap();
+    eventually(15, "spares kept", || async { log_files(log_dir).1 == 2 }).await;
+}
+
 fn dead_letter(event_id: &str) -> DeadLetter {
     DeadLetter {
         id: 0,
@@ -194,14 +207,8 @@ async fn a_spare_is_written_over_and_its_old_records_never_come_back() {
     let log_dir = dir.path().join("log");
     {
         let j = open_small(dir.path());
-        // Groups well under a segment, so segments are of their usual size.
-        for r in 0..30 {
-            for s in round(&j, r * 20, 20, 200).await {
-                j.settle(s);
-            }
-        }
-        j.sync().await.unwrap();
-        eventually(15, "spares kept", || async {
+        settle_into_spares(&j, &log_dir, 0).await;
+        eventually(15, "every segment gone", || async {
             log_files(&log_dir) == (0, 2)
         })
         .await;
@@ -231,13 +238,7 @@ async fn a_restart_numbers_records_above_what_the_spares_hold() {
         let j = open_small(dir.path());
         // Ids of one length, as the new ones below: records of one size,
         // so an old record starts right where the new ones end.
-        for r in 0..30 {
-            for s in round(&j, 100 + r * 20, 20, 200).await {
-                j.settle(s);
-            }
-        }
-        j.sync().await.unwrap();
-        eventually(15, "spares kept", || async { log_files(&log_dir).1 == 2 }).await;
+        settle_into_spares(&j, &log_dir, 100).await;
         j.shutdown().await;
     }
     // Nothing else left to say how far seqs went: no segment, no

@@ -604,25 +604,21 @@ impl Writer {
             self.seal_active();
         }
         let nonce = rand::random::<u64>();
-        let seg = self
-            .recycled(first_seq, nonce)
-            .map_or_else(
-                || {
-                    Segment::create(
-                        &self.shared.log_dir,
-                        first_seq,
-                        nonce,
-                        self.shared.faults.as_ref(),
-                    )
-                },
-                Ok,
+        let seg = match self.recycled(first_seq, nonce) {
+            Some(seg) => seg,
+            None => Segment::create(
+                &self.shared.log_dir,
+                first_seq,
+                nonce,
+                self.shared.faults.as_ref(),
             )
             .map_err(|e| {
                 (
                     Fault::io(&e),
                     log::segment_path(&self.shared.log_dir, first_seq),
                 )
-            })?;
+            })?,
+        };
         let view = Arc::new(SegView {
             seg: Arc::new(seg),
             end: std::sync::atomic::AtomicU64::new(HEADER_LEN),
