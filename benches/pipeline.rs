@@ -29,9 +29,11 @@
 //!    to a receiver (issue 15): the drain must not slow by more than 5%,
 //!    and every settled event's callback arrives; in embedded mode (8) and
 //!    in broker mode through the callback queue (8b).
+//! 9. A group's `fdatasync` appending to a new file against writing over a
+//!    spare segment (why the journal keeps spares), `--only fsync`.
 //!
 //! Prints a table (and a markdown copy, also written to
-//! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas,external,callbacks`
+//! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas,external,callbacks,fsync`
 //! runs a subset (results.md is then left alone); `-- --only records` runs
 //! section 7's phase G alone, three rounds. With `CJ_BENCH_PERF=<dir>` set,
 //! phase G records each service with `perf record -g` into `<dir>` (a
@@ -39,6 +41,8 @@
 
 #[path = "pipeline/common.rs"]
 mod common;
+#[path = "pipeline/disk.rs"]
+mod disk;
 #[path = "pipeline/drain.rs"]
 mod drain;
 #[path = "pipeline/external.rs"]
@@ -60,7 +64,7 @@ use common::{machine, sh, CpuMeter, VENDOR_RATE};
 use drain::{Burst, Via};
 use report::{Report, Verdict};
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "drain",
     "follows",
     "ingest",
@@ -70,6 +74,7 @@ const SECTIONS: [&str; 9] = [
     "external",
     "callbacks",
     "records",
+    "fsync",
 ];
 
 /// The secret section 8's callbacks are signed with.
@@ -798,6 +803,9 @@ fn main() {
         // Section 7 runs it too (phase G).
         if want("records") && !want("external") {
             external::records_section(&mut rep).await;
+        }
+        if want("fsync") {
+            disk::section(&mut rep);
         }
     });
     let took = started.elapsed();
