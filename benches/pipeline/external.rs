@@ -48,7 +48,11 @@
 //! full status mix), wrk's p50 / p99, and the service's CPU per accepted
 //! event by thread group, from /proc/<pid>/task/*/stat before and after:
 //! journal (`journal-*`), HTTP (`actix-server*`: workers and acceptor),
-//! pipeline (the rest: tokio workers, main, threads that exited).
+//! pipeline (the rest: tokio workers, main, threads that exited); how long
+//! those groups' threads waited for a core per 202 (runnable but not
+//! running, from /proc/<pid>/task/*/schedstat), and how busy the machine's
+//! cores were (/proc/stat): together they tell a service short of cores
+//! from one waiting on something else (the disk, a lock).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -435,14 +439,18 @@ fn group_of(comm: &str) -> usize {
     }
 }
 
-/// CPU ticks of a process and of each of its live threads.
+/// CPU ticks of a process and of each of its live threads, with each
+/// thread's time waiting for a core (runnable, not running: the second
+/// field of /proc/<pid>/task/<tid>/schedstat, ns).
 struct Threads {
     total: u64,
     each: BTreeMap<u32, (String, u64)>,
+    waited_ns: BTreeMap<u32, u64>,
 }
 
 fn threads(pid: u32) -> Threads {
     let mut each = BTreeMap::new();
+    let mut waited_ns = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for e in dir.flatten() {
             let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -457,11 +465,18 @@ fn threads(pid: u32) -> Threads {
                 .map_or("", |(c, _)| c)
                 .to_owned();
             each.insert(tid, (comm, ticks_in(&text).unwrap_or(0)));
+            let waited = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                .ok()
+                .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok());
+            if let Some(w) = waited {
+                waited_ns.insert(tid, w);
+            }
         }
     }
     Threads {
         total: stat_ticks(&format!("/proc/{pid}/stat")).unwrap_or(0),
         each,
+        waited_ns,
     }
 }
 
@@ -482,6 +497,18 @@ impl Threads {
             .total
             .saturating_sub(self.total)
             .saturating_sub(g[0] + g[1]);
+        g
+    }
+
+    /// Time the live threads of each group waited for a core between
+    /// `self` and `later` (ns); threads that exited meanwhile are left out.
+    fn waited_until(&self, later: &Threads) -> [u64; 3] {
+        let mut g = [0u64; 3];
+        for (tid, w) in &later.waited_ns {
+            let before = self.waited_ns.get(tid).copied().unwrap_or(0);
+            let comm = later.each.get(tid).map_or("", |x| x.0.as_str());
+            g[group_of(comm)] += w.saturating_sub(before);
+        }
         g
     }
 
@@ -648,6 +675,11 @@ struct Round {
     wrk_us: f64,
     /// Server CPU per 202 (µs): the service by group, or the bare process.
     cpu_us: [f64; 3],
+    /// The service's threads' wait for a core per 202 (µs), by group
+    /// (zero for the bare handler: not measured).
+    wait_us: [f64; 3],
+    /// Share of the machine's cores busy over the round (/proc/stat).
+    busy: f64,
     /// Other processes' CPU over the round.
     background: String,
     wraps: u64,
@@ -657,6 +689,11 @@ impl Round {
     fn server_us(&self) -> f64 {
         self.cpu_us.iter().sum()
     }
+}
+
+/// Share of all cores busy between two `proc_stat` readings.
+fn busy_share((t0, b0): (u64, u64), (t1, b1): (u64, u64)) -> f64 {
+    b1.saturating_sub(b0) as f64 / t1.saturating_sub(t0).max(1) as f64
 }
 
 fn pct_core(ticks: u64, secs: f64) -> f64 {
@@ -761,6 +798,12 @@ impl Phase {
         median(self.svc.iter().map(|r| r.cpu_us[g]).collect())
     }
 
+    /// Median runqueue wait per 202 by group: "9 / 30 / 25 us".
+    fn wait_line(&self) -> String {
+        let w = |g: usize| median(self.svc.iter().map(|r| r.wait_us[g]).collect());
+        format!("{:.0} / {:.0} / {:.0} us", w(0), w(1), w(2))
+    }
+
     fn cpu_line(&self) -> String {
         format!(
             "{:.0} / {:.0} / {:.0} us (total {:.0})",
@@ -833,6 +876,7 @@ impl Bench {
         };
         let (svc0, emu0) = (self.svc_ticks(), self.emu_ticks());
         let bare0 = stat_ticks(&format!("/proc/{}/stat", self.bare.pid())).unwrap_or(0);
+        let m0 = proc_stat();
         let w = Wrk::start(
             &self.script,
             &pool,
@@ -841,6 +885,7 @@ impl Bench {
         )
         .finish()
         .await;
+        let m1 = proc_stat();
         let bare1 = stat_ticks(&format!("/proc/{}/stat", self.bare.pid())).unwrap_or(0);
         let accepted = w.requests - w.status_errors;
         let rate = accepted as f64 / w.secs.max(1e-3);
@@ -865,6 +910,8 @@ impl Bench {
                 (bare1 - bare0) as f64 / TICKS_PER_S * 1e6 / accepted.max(1) as f64,
                 0.0,
             ],
+            wait_us: [0.0; 3],
+            busy: busy_share(m0, m1),
             background: format!(
                 "meanwhile serve {:.0}% of a core, emulator {:.0}%",
                 pct_core(self.svc_ticks() - svc0, w.secs),
@@ -888,9 +935,11 @@ impl Bench {
         let s0 = self.svc.snap().await;
         let emu0 = self.emu_ticks();
         let t0 = threads(self.svc.pid());
+        let m0 = proc_stat();
         let w = Wrk::start(&self.script, &pool, &self.svc.url(), d)
             .finish()
             .await;
+        let m1 = proc_stat();
         let t1 = threads(self.svc.pid());
         let emu1 = self.emu_ticks();
         let s1 = self.svc.snap().await;
@@ -900,7 +949,9 @@ impl Bench {
         self.fastest = self.fastest.max(rate);
         self.svc_fastest = self.svc_fastest.max(rate);
         let g = t0.groups_until(&t1);
+        let waited = t0.waited_until(&t1);
         let per = |t: u64| t as f64 / TICKS_PER_S * 1e6 / accepted.max(1) as f64;
+        let per_ns = |ns: u64| ns as f64 / 1e3 / accepted.max(1) as f64;
         let rejected: Vec<String> = s1
             .rejected
             .iter()
@@ -932,6 +983,8 @@ impl Bench {
             p99_ms: w.p99_ms,
             wrk_us: w.cpu_us,
             cpu_us: [per(g[0]), per(g[1]), per(g[2])],
+            wait_us: [per_ns(waited[0]), per_ns(waited[1]), per_ns(waited[2])],
+            busy: busy_share(m0, m1),
             background: format!(
                 "emulator {:.0}% of a core; {}",
                 pct_core(emu1 - emu0, w.secs),
@@ -995,14 +1048,22 @@ fn errors(w: &WrkOut) -> String {
 fn print_round(phase: &str, who: &str, r: &Round, service: bool) {
     let cpu = if service {
         format!(
-            "CPU per 202: journal {:.1} + HTTP {:.1} + pipeline {:.1} = {:.1} us",
+            "CPU per 202: journal {:.1} + HTTP {:.1} + pipeline {:.1} = {:.1} us; waited for a core: {:.1} / {:.1} / {:.1} us; machine {:.0}% busy",
             r.cpu_us[0],
             r.cpu_us[1],
             r.cpu_us[2],
-            r.server_us()
+            r.server_us(),
+            r.wait_us[0],
+            r.wait_us[1],
+            r.wait_us[2],
+            r.busy * 100.0
         )
     } else {
-        format!("CPU per 202: bare process {:.1} us", r.server_us())
+        format!(
+            "CPU per 202: bare process {:.1} us; machine {:.0}% busy",
+            r.server_us(),
+            r.busy * 100.0
+        )
     };
     println!(
         "  {phase:10} {who:12} {:>7} 202/s  p50 {:6.2} ms  p99 {:6.2} ms | {cpu}; wrk {:.1} us/request | {} | {}",
@@ -1817,9 +1878,12 @@ fn rows(
             "service CPU per 202: journal / HTTP / pipeline",
             p.cpu_line(),
             format!(
-                "wrk {:.1} us/req against it, {:.1} against bare",
+                "wrk {:.1} us/req against it, {:.1} against bare; waited for a core per 202: {}; machine busy {:.0}% (bare rounds {:.0}%)",
                 median(p.svc.iter().map(|r| r.wrk_us).collect()),
-                median(p.bare.iter().map(|r| r.wrk_us).collect())
+                median(p.bare.iter().map(|r| r.wrk_us).collect()),
+                p.wait_line(),
+                median(p.svc.iter().map(|r| r.busy).collect()) * 100.0,
+                median(p.bare.iter().map(|r| r.busy).collect()) * 100.0
             ),
             "",
             "",
