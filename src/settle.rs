@@ -554,7 +554,7 @@ impl Origin {
         };
         fate.recorder.build(
             Draft {
-                held: &event,
+                held: event,
                 kind: self.kind(),
                 accepted_at_ms: self.accepted_at_ms(),
                 plan,
@@ -588,7 +588,7 @@ impl Origin {
                 let plan = held.outcomes.plan();
                 fate.recorder.settled(
                     Draft {
-                        held: &event,
+                        held: event,
                         kind: self.kind(),
                         accepted_at_ms: self.accepted_at_ms(),
                         plan,

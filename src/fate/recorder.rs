@@ -23,7 +23,8 @@ pub struct Recorder {
 
 /// What the pipeline knows of one event.
 pub struct Draft<'a> {
-    pub held: &'a HeldEvent,
+    /// Read from its inbox for this record: moved into what is kept.
+    pub held: HeldEvent,
     /// Its type (the pipeline's interned copy: shared, not copied).
     pub kind: Arc<str>,
     pub accepted_at_ms: u64,
@@ -77,14 +78,14 @@ impl Recorder {
             outcomes,
         } = d;
         self.store.put(SettledEvent {
-            id: held.id.clone(),
+            id: held.id,
             source: held.source,
             kind,
             accepted_at_ms,
             settled_at_ms,
             dead_lettered,
             rules: self.rules.fingerprint(),
-            body: held.body.clone(),
+            body: held.body,
             plan: plan.map(<[Action]>::to_vec),
             outcomes: outcomes
                 .into_iter()
