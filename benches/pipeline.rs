@@ -32,6 +32,12 @@
 //! 9. A group's `fdatasync` appending to a new file against writing over a
 //!    spare segment (why the journal keeps spares), `--only fsync`.
 //!
+//! Not part of a full run: `-- --only ab --against <binary> [--pairs N]`
+//! compares this build's `serve` with another build's (say, one built from
+//! the previous commit), in alternating pairs of section-7 rounds on fresh
+//! journals, and prints the median of the pairs' 202/s ratios: on a
+//! machine whose speed drifts, the way to tell a change of a few percent.
+//!
 //! Prints a table (and a markdown copy, also written to
 //! `benches/results.md`). `-- --only drain,follows,ingest,latency,memory,replicas,external,callbacks,fsync`
 //! runs a subset (results.md is then left alone); `-- --only records` runs
@@ -806,6 +812,27 @@ fn main() {
         }
         if want("fsync") {
             disk::section(&mut rep);
+        }
+        if want("ab") {
+            match args
+                .iter()
+                .position(|a| a == "--against")
+                .and_then(|i| args.get(i + 1))
+            {
+                Some(b) => {
+                    let pairs = args
+                        .iter()
+                        .position(|a| a == "--pairs")
+                        .and_then(|i| args.get(i + 1))
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(8);
+                    external::ab_section(&mut rep, std::path::Path::new(b), pairs).await;
+                }
+                None => rep.note(
+                    "--only ab needs --against <path of another build's chat-janitor binary>"
+                        .to_owned(),
+                ),
+            }
         }
     });
     let took = started.elapsed();

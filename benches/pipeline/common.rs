@@ -369,7 +369,12 @@ impl EmulatorProc {
 /// its journal under `dir`, which is also its working directory. Callers add
 /// the listen address, the mode and where stderr goes.
 pub fn serve_command(dir: &Path, upstream: &str) -> Command {
-    let mut cmd = Command::new(binary());
+    serve_command_of(&binary(), dir, upstream)
+}
+
+/// `serve_command`, of another build's binary.
+pub fn serve_command_of(bin: &Path, dir: &Path, upstream: &str) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.arg("serve")
         .current_dir(dir)
         .env("CHAT_JANITOR__EMULATOR__EMBEDDED", "false")

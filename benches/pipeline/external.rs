@@ -558,8 +558,19 @@ impl Svc {
         queue: Option<&str>,
         env: &[(&str, &str)],
     ) -> Svc {
+        Svc::start_of(&binary(), dir, upstream, name, queue, env).await
+    }
+
+    async fn start_of(
+        bin: &Path,
+        dir: &Path,
+        upstream: &str,
+        name: &str,
+        queue: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Svc {
         let log = dir.join(format!("{name}.log"));
-        let mut cmd = serve_command(dir, upstream);
+        let mut cmd = serve_command_of(bin, dir, upstream);
         cmd.envs(env.iter().copied());
         // The default log level (info), as users run it.
         cmd.env_remove("RUST_LOG")
@@ -1991,4 +2002,117 @@ fn rows(
             Verdict::Missed,
         ),
     }
+}
+
+// ---------------------------------------------------------------- A/B
+
+/// One service's round in an A/B pair.
+struct AbRound {
+    rate: f64,
+    cpu_us: f64,
+    waited_us: f64,
+}
+
+/// `--only ab --against <chat-janitor binary>`: this build's `serve`
+/// against another build's, as section 7 runs them (own processes, the
+/// same emulator process, wrk -t1 -c64, bans naming 2 channels), in
+/// alternating pairs of fresh services, each given one round of wrk. This
+/// machine's speed drifts by tens of percent within minutes, so one run of
+/// each tells nothing about a change of a few percent; the ratio within
+/// each pair (run back to back) and their median do better.
+pub async fn ab_section(rep: &mut Report, against: &Path, pairs: usize) {
+    let s = "A/B. This build's serve against another build's (wrk -t1 -c64, fresh journals)";
+    let d = Duration::from_secs(5);
+    println!(
+        "\n== {s}: {pairs} alternating pairs of {} s; B = {}",
+        d.as_secs(),
+        against.display()
+    );
+    if ensure_wrk().is_none() {
+        rep.note(format!("{s}: wrk is not available; not run"));
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (script, emu) = script_and_emulator(dir.path()).await;
+    let this = binary();
+    let mut ratios = Vec::new();
+    let mut runs: [Vec<AbRound>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..pairs {
+        let order = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut pair = [0.0; 2];
+        for which in order {
+            let name = format!("ab-{}-{i}", ["a", "b"][which]);
+            let svc_dir = dir.path().join(&name);
+            std::fs::create_dir_all(&svc_dir).expect("service dir");
+            let pool = svc_dir.join("pool.bin");
+            write_pool(&pool, &format!("{name}-"), Shape::Ban, 60_000 * d.as_secs());
+            let bin = if which == 0 { this.as_path() } else { against };
+            let mut svc = Svc::start_of(bin, &svc_dir, &emu.url, &name, None, &[]).await;
+            let s0 = svc.snap().await;
+            let t0 = threads(svc.pid());
+            let w = Wrk::start(&script, &pool, &svc.url(), d).finish().await;
+            let t1 = threads(svc.pid());
+            let s1 = svc.snap().await;
+            svc.proc.kill9();
+            let _ = std::fs::remove_dir_all(&svc_dir);
+            let accepted = (s1.received - s0.received).max(1.0);
+            let round = AbRound {
+                rate: accepted / w.secs.max(1e-3),
+                cpu_us: t1.total.saturating_sub(t0.total) as f64 / TICKS_PER_S * 1e6 / accepted,
+                waited_us: t0.waited_until(&t1).iter().sum::<u64>() as f64 / 1e3 / accepted,
+            };
+            println!(
+                "  pair {} {}: {} 202/s, p99 {:.2} ms, {:.1} us CPU and {:.1} us waiting for a core per 202",
+                i + 1,
+                ["A (this build)", "B (--against)"][which],
+                thousands(round.rate as u64),
+                w.p99_ms,
+                round.cpu_us,
+                round.waited_us
+            );
+            pair[which] = round.rate;
+            runs[which].push(round);
+        }
+        ratios.push(pair[0] / pair[1].max(1e-9));
+    }
+    let med = |v: &[AbRound], f: fn(&AbRound) -> f64| median(v.iter().map(f).collect());
+    rep.row(
+        s,
+        "202/s, this build (A) over --against (B), median of the pairs' ratios",
+        format!("{:.3}", median(ratios.clone())),
+        format!(
+            "pairs: {}; median 202/s A {}, B {}",
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            thousands(med(&runs[0], |r| r.rate) as u64),
+            thousands(med(&runs[1], |r| r.rate) as u64)
+        ),
+        "",
+        "",
+        Verdict::Info,
+    );
+    rep.row(
+        s,
+        "serve CPU per 202 (A / B), and time waiting for a core",
+        format!(
+            "{:.1} / {:.1} us",
+            med(&runs[0], |r| r.cpu_us),
+            med(&runs[1], |r| r.cpu_us)
+        ),
+        format!(
+            "waiting: {:.1} / {:.1} us per 202",
+            med(&runs[0], |r| r.waited_us),
+            med(&runs[1], |r| r.waited_us)
+        ),
+        format!(
+            "{:.3}",
+            med(&runs[0], |r| r.cpu_us) / med(&runs[1], |r| r.cpu_us).max(1e-9)
+        ),
+        "",
+        Verdict::Info,
+    );
+    drop(emu);
 }
