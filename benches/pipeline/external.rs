@@ -439,18 +439,26 @@ fn group_of(comm: &str) -> usize {
     }
 }
 
-/// CPU ticks of a process and of each of its live threads, with each
-/// thread's time waiting for a core (runnable, not running: the second
-/// field of /proc/<pid>/task/<tid>/schedstat, ns).
+/// One live thread's readings.
+struct Task {
+    comm: String,
+    /// CPU ticks (/proc/<pid>/task/<tid>/stat).
+    ticks: u64,
+    /// Time waiting for a core, runnable but not running (ns), and times
+    /// it was put on a core: /proc/<pid>/task/<tid>/schedstat's second and
+    /// third fields (zero where the kernel has no schedstat).
+    waited_ns: u64,
+    slices: u64,
+}
+
+/// CPU ticks of a process, and each of its live threads' readings.
 struct Threads {
     total: u64,
-    each: BTreeMap<u32, (String, u64)>,
-    waited_ns: BTreeMap<u32, u64>,
+    each: BTreeMap<u32, Task>,
 }
 
 fn threads(pid: u32) -> Threads {
     let mut each = BTreeMap::new();
-    let mut waited_ns = BTreeMap::new();
     if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for e in dir.flatten() {
             let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
@@ -464,35 +472,49 @@ fn threads(pid: u32) -> Threads {
                 .and_then(|(_, r)| r.rsplit_once(')'))
                 .map_or("", |(c, _)| c)
                 .to_owned();
-            each.insert(tid, (comm, ticks_in(&text).unwrap_or(0)));
-            let waited = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
-                .ok()
-                .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok());
-            if let Some(w) = waited {
-                waited_ns.insert(tid, w);
-            }
+            let sched = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))
+                .unwrap_or_default();
+            let field = |i: usize| {
+                sched
+                    .split_whitespace()
+                    .nth(i)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            each.insert(
+                tid,
+                Task {
+                    comm,
+                    ticks: ticks_in(&text).unwrap_or(0),
+                    waited_ns: field(1),
+                    slices: field(2),
+                },
+            );
         }
     }
     Threads {
         total: stat_ticks(&format!("/proc/{pid}/stat")).unwrap_or(0),
         each,
-        waited_ns,
     }
 }
 
 impl Threads {
+    /// A reading's growth between `self` and `later`, summed by group, over
+    /// the threads alive at `later`.
+    fn grown_until(&self, later: &Threads, f: fn(&Task) -> u64) -> [u64; 3] {
+        let mut g = [0u64; 3];
+        for (tid, t) in &later.each {
+            let before = self.each.get(tid).map_or(0, f);
+            g[group_of(&t.comm)] += f(t).saturating_sub(before);
+        }
+        g
+    }
+
     /// Ticks per group between `self` and `later`: journal and HTTP from
     /// their threads, pipeline the rest of the process (so threads that
     /// exited meanwhile count there).
     fn groups_until(&self, later: &Threads) -> [u64; 3] {
-        let mut g = [0u64; 3];
-        for (tid, (comm, t)) in &later.each {
-            let before = self.each.get(tid).map_or(0, |x| x.1);
-            let k = group_of(comm);
-            if k < 2 {
-                g[k] += t.saturating_sub(before);
-            }
-        }
+        let mut g = self.grown_until(later, |t| t.ticks);
         g[2] = later
             .total
             .saturating_sub(self.total)
@@ -503,20 +525,14 @@ impl Threads {
     /// Time the live threads of each group waited for a core between
     /// `self` and `later` (ns); threads that exited meanwhile are left out.
     fn waited_until(&self, later: &Threads) -> [u64; 3] {
-        let mut g = [0u64; 3];
-        for (tid, w) in &later.waited_ns {
-            let before = self.waited_ns.get(tid).copied().unwrap_or(0);
-            let comm = later.each.get(tid).map_or("", |x| x.0.as_str());
-            g[group_of(comm)] += w.saturating_sub(before);
-        }
-        g
+        self.grown_until(later, |t| t.waited_ns)
     }
 
     /// "journal: journal-writer; HTTP: actix-server wo x2, ..."
     fn names(&self) -> String {
         let mut by: [BTreeMap<&str, usize>; 3] = Default::default();
-        for (comm, _) in self.each.values() {
-            *by[group_of(comm)].entry(comm.as_str()).or_default() += 1;
+        for t in self.each.values() {
+            *by[group_of(&t.comm)].entry(t.comm.as_str()).or_default() += 1;
         }
         GROUPS
             .iter()
@@ -1498,6 +1514,26 @@ impl RecordsCost {
     }
 }
 
+/// A `serve` of `bin` on a fresh journal in `parent/name`, with a pool of
+/// `n` bans naming 2 channels (ids `{tag}0..n`) written beside it: the
+/// service, its directory and the pool.
+async fn fresh_service(
+    bin: &Path,
+    parent: &Path,
+    upstream: &str,
+    name: &str,
+    tag: &str,
+    n: u64,
+    env: &[(&str, &str)],
+) -> (Svc, PathBuf, PathBuf) {
+    let svc_dir = parent.join(name);
+    std::fs::create_dir_all(&svc_dir).expect("service dir");
+    let pool = svc_dir.join("pool.bin");
+    write_pool(&pool, tag, Shape::Ban, n);
+    let svc = Svc::start_of(bin, &svc_dir, upstream, name, None, env).await;
+    (svc, svc_dir, pool)
+}
+
 /// Phase G: fresh services, records off and on alternately, each given
 /// `d` of wrk, then waited for until every accepted event settled.
 async fn records_cost(
@@ -1523,16 +1559,14 @@ async fn records_cost(
         for on in order {
             pools += 1;
             let name = format!("cost-{}-{r}", if on { "on" } else { "off" });
-            let svc_dir = dir.join(&name);
-            std::fs::create_dir_all(&svc_dir).expect("service dir");
-            let pool = svc_dir.join("pool.bin");
-            write_pool(&pool, &format!("cost{pools}-"), Shape::Ban, n);
             let enabled = if on { "true" } else { "false" };
-            let mut svc = Svc::start_with(
-                &svc_dir,
+            let (mut svc, svc_dir, pool) = fresh_service(
+                &binary(),
+                dir,
                 &emu.url,
                 &name,
-                None,
+                &format!("cost{pools}-"),
+                n,
                 &[("CHAT_JANITOR__RECORDS__ENABLED", enabled)],
             )
             .await;
@@ -2011,6 +2045,9 @@ struct AbRound {
     rate: f64,
     cpu_us: f64,
     waited_us: f64,
+    /// Times the pipeline's threads were put on a core, per 202 (context
+    /// switches in: what a thread hand-off costs beyond its CPU).
+    pipeline_slices: f64,
 }
 
 /// `--only ab --against <chat-janitor binary>`: this build's `serve`
@@ -2032,6 +2069,13 @@ pub async fn ab_section(rep: &mut Report, against: &Path, pairs: usize) {
         rep.note(format!("{s}: wrk is not available; not run"));
         return;
     }
+    if !against.is_file() {
+        rep.note(format!(
+            "{s}: --against {}: no such file; not run",
+            against.display()
+        ));
+        return;
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let (script, emu) = script_and_emulator(dir.path()).await;
     let this = binary();
@@ -2042,12 +2086,20 @@ pub async fn ab_section(rep: &mut Report, against: &Path, pairs: usize) {
         let mut pair = [0.0; 2];
         for which in order {
             let name = format!("ab-{}-{i}", ["a", "b"][which]);
-            let svc_dir = dir.path().join(&name);
-            std::fs::create_dir_all(&svc_dir).expect("service dir");
-            let pool = svc_dir.join("pool.bin");
-            write_pool(&pool, &format!("{name}-"), Shape::Ban, 60_000 * d.as_secs());
             let bin = if which == 0 { this.as_path() } else { against };
-            let mut svc = Svc::start_of(bin, &svc_dir, &emu.url, &name, None, &[]).await;
+            // 60,000/s for the round: no service here comes near it, so the
+            // pool never starts over (a repeated id would answer 200).
+            let n = 60_000 * d.as_secs();
+            let (mut svc, svc_dir, pool) = fresh_service(
+                bin,
+                dir.path(),
+                &emu.url,
+                &name,
+                &format!("{name}-"),
+                n,
+                &[],
+            )
+            .await;
             let s0 = svc.snap().await;
             let t0 = threads(svc.pid());
             let w = Wrk::start(&script, &pool, &svc.url(), d).finish().await;
@@ -2060,15 +2112,18 @@ pub async fn ab_section(rep: &mut Report, against: &Path, pairs: usize) {
                 rate: accepted / w.secs.max(1e-3),
                 cpu_us: t1.total.saturating_sub(t0.total) as f64 / TICKS_PER_S * 1e6 / accepted,
                 waited_us: t0.waited_until(&t1).iter().sum::<u64>() as f64 / 1e3 / accepted,
+                pipeline_slices: t0.grown_until(&t1, |t| t.slices)[2] as f64 / accepted,
             };
             println!(
-                "  pair {} {}: {} 202/s, p99 {:.2} ms, {:.1} us CPU and {:.1} us waiting for a core per 202",
+                "  pair {} {}: {} 202/s, p99 {:.2} ms, {:.1} us CPU and {:.1} us waiting for a core per 202, pipeline threads put on a core {:.2} times per 202{}",
                 i + 1,
                 ["A (this build)", "B (--against)"][which],
                 thousands(round.rate as u64),
                 w.p99_ms,
                 round.cpu_us,
-                round.waited_us
+                round.waited_us,
+                round.pipeline_slices,
+                if w.wraps > 0 { " (the pool started over: repeated ids)" } else { "" }
             );
             pair[which] = round.rate;
             runs[which].push(round);
@@ -2103,9 +2158,11 @@ pub async fn ab_section(rep: &mut Report, against: &Path, pairs: usize) {
             med(&runs[1], |r| r.cpu_us)
         ),
         format!(
-            "waiting: {:.1} / {:.1} us per 202",
+            "waiting for a core: {:.1} / {:.1} us per 202; pipeline threads put on a core {:.2} / {:.2} times per 202",
             med(&runs[0], |r| r.waited_us),
-            med(&runs[1], |r| r.waited_us)
+            med(&runs[1], |r| r.waited_us),
+            med(&runs[0], |r| r.pipeline_slices),
+            med(&runs[1], |r| r.pipeline_slices)
         ),
         format!(
             "{:.3}",
@@ -2114,5 +2171,4 @@ pub async fn ab_section(rep: &mut Report, against: &Path, pairs: usize) {
         "",
         Verdict::Info,
     );
-    drop(emu);
 }
