@@ -627,19 +627,6 @@ impl LogReader {
     /// Up to `limit` live records after the last ones returned; empty when
     /// nothing durable is left to read (wait for `Journal::committed`).
     pub async fn next_batch(&mut self, limit: usize) -> Result<Vec<Entry>, JournalError> {
-        let st = self.state.as_mut().ok_or(JournalError::Closed)?;
-        match st.ahead() {
-            Ahead::Nothing => return Ok(Vec::new()),
-            // A group just committed: in the page cache, as it was written
-            // moments ago. Read here; a blocking task would cost more (a
-            // thread woken, and this task woken back) than the read.
-            Ahead::Tail => {
-                return st
-                    .read(limit)
-                    .map_err(|e| JournalError::Storage(e.to_string()))
-            }
-            Ahead::More => {}
-        }
         let mut st = self.state.take().ok_or(JournalError::Closed)?;
         let (st, out) = tokio::task::spawn_blocking(move || {
             let out = st.read(limit);
@@ -652,40 +639,7 @@ impl LogReader {
     }
 }
 
-/// What a reader has left to read, as far as it can tell without reading.
-enum Ahead {
-    /// Nothing durable after its position (the active segment's end).
-    Nothing,
-    /// At most [`TAIL_INLINE`] bytes, at the end of the active segment.
-    Tail,
-    /// More, another segment, or it does not know yet.
-    More,
-}
-
-/// Most bytes a reader at the log's tail reads on the runtime's thread.
-const TAIL_INLINE: u64 = 64 * 1024;
-
 impl ReaderState {
-    fn ahead(&self) -> Ahead {
-        let Some((_, view, reader)) = &self.at else {
-            return Ahead::More;
-        };
-        // As in `read`: `sealed` before `end`. A sealed segment sends the
-        // reader on to the next one, which it finds off the runtime.
-        if view.sealed.load(Ordering::Acquire) {
-            return Ahead::More;
-        }
-        let left = view
-            .end
-            .load(Ordering::Acquire)
-            .saturating_sub(reader.position());
-        match left {
-            0 => Ahead::Nothing,
-            n if n <= TAIL_INLINE => Ahead::Tail,
-            _ => Ahead::More,
-        }
-    }
-
     fn read(&mut self, limit: usize) -> std::io::Result<Vec<Entry>> {
         let mut out = Vec::new();
         while out.len() < limit {
