@@ -741,10 +741,13 @@ fn main() {
         return;
     }
     let args: Vec<String> = std::env::args().collect();
-    let only: Vec<String> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
+    // The word after `--name`, if given.
+    let value_of = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let only: Vec<String> = value_of("--only")
         .map(|v| v.split(',').map(str::to_owned).collect())
         .unwrap_or_else(|| SECTIONS.iter().map(|s| s.to_string()).collect());
     let full = SECTIONS.iter().all(|s| only.iter().any(|o| o == s));
@@ -814,16 +817,9 @@ fn main() {
             disk::section(&mut rep);
         }
         if want("ab") {
-            match args
-                .iter()
-                .position(|a| a == "--against")
-                .and_then(|i| args.get(i + 1))
-            {
+            match value_of("--against") {
                 Some(b) => {
-                    let pairs = args
-                        .iter()
-                        .position(|a| a == "--pairs")
-                        .and_then(|i| args.get(i + 1))
+                    let pairs = value_of("--pairs")
                         .and_then(|n| n.parse().ok())
                         .unwrap_or(8);
                     external::ab_section(&mut rep, std::path::Path::new(b), pairs).await;

@@ -564,17 +564,7 @@ struct Svc {
 
 impl Svc {
     async fn start(dir: &Path, upstream: &str, name: &str, queue: Option<&str>) -> Svc {
-        Svc::start_with(dir, upstream, name, queue, &[]).await
-    }
-
-    async fn start_with(
-        dir: &Path,
-        upstream: &str,
-        name: &str,
-        queue: Option<&str>,
-        env: &[(&str, &str)],
-    ) -> Svc {
-        Svc::start_of(&binary(), dir, upstream, name, queue, env).await
+        Svc::start_of(&binary(), dir, upstream, name, queue, &[]).await
     }
 
     async fn start_of(
