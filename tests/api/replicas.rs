@@ -677,7 +677,11 @@ pub(crate) async fn wait_queue_empty(queue: &str, secs: u64) {
     }
 }
 
-/// Messages in `queue`, ready and unacked, from `rabbitmqctl`.
+/// Messages in `queue`, ready and unacked, from `rabbitmqctl`. For a quorum
+/// queue the broker refreshes this figure on its tick (every 5 s on
+/// RabbitMQ 3.10), so it may not show a publish or an ack of the last
+/// seconds: wait for it to reach a value, never read it once as the truth
+/// (a passive declare's `message_count`, ready messages only, is current).
 pub(crate) fn queue_depth(queue: &str) -> Option<u64> {
     let out = std::process::Command::new("rabbitmqctl")
         .args([
