@@ -282,6 +282,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 crate::telemetry::init_tracing();
                 tracing::info!(config = %source, "configuration loaded");
                 block_on_with(serve_workers(), async move {
+                    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+                    tracing::info!(workers, "pipeline runtime started");
                     let app = crate::app::Application::build(settings).await?;
                     app.run_until_stopped(shutdown_signal()).await
                 })
@@ -689,11 +691,16 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
 /// second thread mostly adds wake-ups and cross-thread hand-offs beside the
 /// HTTP workers that already take the other core.
 fn serve_workers() -> Option<usize> {
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
-        return None;
-    }
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    Some((cores / 2).max(1))
+    workers_for(
+        std::thread::available_parallelism().map_or(1, usize::from),
+        std::env::var_os("TOKIO_WORKER_THREADS").is_some(),
+    )
+}
+
+/// `serve_workers` for `cores` cores, `TOKIO_WORKER_THREADS` set or not
+/// (set, tokio reads it itself).
+fn workers_for(cores: usize, env_set: bool) -> Option<usize> {
+    (!env_set).then_some((cores / 2).max(1))
 }
 
 /// Runs `fut` on a multi-thread runtime with `workers` worker threads
@@ -744,6 +751,16 @@ fn usage_error(msg: &str) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serve_runs_its_runtime_on_half_the_cores_unless_told() {
+        assert_eq!(workers_for(1, false), Some(1));
+        assert_eq!(workers_for(2, false), Some(1));
+        assert_eq!(workers_for(3, false), Some(1));
+        assert_eq!(workers_for(8, false), Some(4));
+        // TOKIO_WORKER_THREADS set: tokio's own reading of it stands.
+        assert_eq!(workers_for(8, true), None);
+    }
 
     #[test]
     fn cli_parses() {
