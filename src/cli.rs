@@ -686,10 +686,11 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
 /// Worker threads for `serve`'s runtime (the pipeline, the intake loop and
 /// the broker's client; HTTP workers and the journal writer have threads of
 /// their own): half the cores, at least one, unless `TOKIO_WORKER_THREADS`
-/// says otherwise. On 2 cores one thread took 1.09-1.10 times the 202s per
-/// second of two, at 0.92 of the CPU per 202 (`--only ab`, README): a
-/// second thread mostly adds wake-ups and cross-thread hand-offs beside the
-/// HTTP workers that already take the other core.
+/// says otherwise. On 2 cores one thread answered 1.04-1.10 times the 202s
+/// per second of two, at 0.91-1.00 of the CPU per 202 (`--only ab` on two
+/// machines, README): a second thread mostly adds wake-ups and hand-offs
+/// between threads beside the HTTP workers that already take the other
+/// core.
 fn serve_workers() -> Option<usize> {
     workers_for(
         std::thread::available_parallelism().map_or(1, usize::from),

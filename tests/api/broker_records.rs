@@ -36,7 +36,8 @@ use crate::helpers::{
     delete_queues, eventually, message_count, TestUpstream, ADMIN_TOKEN, AMQP_URL, BROKER, SECRET,
 };
 use crate::replicas::{
-    publish_bans, queue_depth, queue_name, upstream, wait_queue_empty, Cluster, REPLICAS,
+    assert_none_left, publish_bans, queue_depth, queue_name, upstream, wait_queue_empty, Cluster,
+    REPLICAS,
 };
 
 const LINGER_MS: u64 = 50;
@@ -405,9 +406,7 @@ async fn http_callbacks_in_broker_mode_outlive_the_replica_that_held_them() {
     // Acked once delivered: nothing is left, ready or unacked.
     wait_queue_empty(&callbacks, 30).await;
     cluster.stop_all(&[survivor]).await;
-    // Exact once no one consumes (rabbitmqctl's count may be a tick old):
-    // an unacked callback would be back as ready.
-    assert_eq!(message_count(&callbacks).await, 0, "every callback acked");
+    assert_none_left(&callbacks).await;
     receiver.stop(true).await;
 }
 
@@ -503,11 +502,7 @@ async fn a_callback_held_past_hold_is_handed_on_with_its_attempts_then_expires_o
     // Acked once its dead letter was confirmed (ready and unacked: none).
     wait_queue_empty(&callbacks_queue, 30).await;
     callbacks.stop().await;
-    assert_eq!(
-        message_count(&callbacks_queue).await,
-        0,
-        "the callback acked"
-    );
+    assert_none_left(&callbacks_queue).await;
     assert!(
         tokio::time::timeout(Duration::from_secs(2), dead.next())
             .await
@@ -618,6 +613,6 @@ async fn an_event_is_acked_only_once_its_record_and_callback_are_published() {
     assert_eq!(r["user_id"], "ack1", "{r:#}");
     wait_queue_empty(&queue, 60).await;
     cluster.stop_all(&[second]).await;
-    assert_eq!(message_count(&queue).await, 0, "the event's message acked");
+    assert_none_left(&queue).await;
     receiver.stop(true).await;
 }

@@ -417,10 +417,11 @@ struct RunIter<'a> {
 }
 
 /// Fingerprints a run's reader takes from disk at a time (64 KiB). A merge
-/// reads two runs or more at once, on top of a full pending bound: a
-/// megabyte a run, as it was, put 4-5 MiB of buffers into a peak RSS
-/// measured against 100 MiB (heaptrack, section 7d), for reads the page
-/// cache's read-ahead serves as well in 64 KiB steps.
+/// reads two runs or more at once, on top of a full pending bound, whose
+/// peak RSS is measured against 100 MiB (section 7d): a megabyte a run,
+/// decoded into a second megabyte, was 4-5 MiB of buffers while a merge
+/// ran. Smaller reads are more `pread` calls on a background thread;
+/// whether merges got slower was not measured.
 const READ_FPS: usize = 4 * 1024;
 
 impl Iterator for RunIter<'_> {
