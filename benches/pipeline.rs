@@ -769,8 +769,15 @@ fn main() {
     } else {
         format!("cargo bench --bench pipeline -- --only {}", only.join(","))
     };
-    if args.iter().any(|a| a == "--quick") {
-        command += if full { " -- --quick" } else { " --quick" };
+    for flag in ["--quick", "--long-ids"] {
+        if args.iter().any(|a| a == flag) {
+            command += if full && !command.contains(" -- ") {
+                " -- "
+            } else {
+                " "
+            };
+            command += flag;
+        }
     }
     println!("chat-janitor pipeline benchmark");
     println!("machine: {cores} cores (nproc), {mem} memory, {cpu}");

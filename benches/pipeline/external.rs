@@ -44,6 +44,10 @@
 //! then waited for until every accepted event settled; the process's CPU
 //! over that, per event.
 //!
+//! `--long-ids` gives every user id of E and F a 14-byte prefix, so that
+//! none fits the 15 bytes an id is held in without an allocation: the
+//! memory figures for UUID-like UserIDs.
+//!
 //! Per service round: 202s per second (from the service's counters, with the
 //! full status mix), wrk's p50 / p99, and the service's CPU per accepted
 //! event by thread group, from /proc/<pid>/task/*/stat before and after:
@@ -225,6 +229,20 @@ impl Shape {
         };
         json!({"type": "user.banned", "timestamp": "2026-11-21T10:00:00Z", "data": data})
             .to_string()
+    }
+}
+
+/// `--long-ids`: every user id the section sends gets this prefix, so
+/// that ids (and followers' ids) are 22 to 30 bytes, past what the service
+/// holds inline (15 bytes), as UUID-like UserIDs would be.
+const LONG_ID_PREFIX: &str = "u7f3a9c2e5b1d-";
+
+/// A tag for the ids of one pool: as given, or with `LONG_ID_PREFIX`.
+fn id_tag(tag: &str) -> String {
+    if std::env::args().any(|a| a == "--long-ids") {
+        format!("{LONG_ID_PREFIX}{tag}")
+    } else {
+        tag.to_owned()
     }
 }
 
@@ -858,7 +876,7 @@ impl Bench {
     fn pool(&mut self, tag: &str, shape: Shape, n: u64) -> PathBuf {
         self.pools += 1;
         let path = self.dir.path().join(format!("pool-{}.bin", self.pools));
-        write_pool(&path, &format!("{tag}{}", self.pools), shape, n);
+        write_pool(&path, &id_tag(&format!("{tag}{}", self.pools)), shape, n);
         path
     }
 
@@ -1354,6 +1372,12 @@ pub async fn section(rep: &mut Report) {
     let n =
         (bound / Shape::Mixed.actions()) as u64 + b.svc_pool_size(hold + Duration::from_secs(5));
     let pool = b.pool("mem", Shape::Mixed, n);
+    let tag = id_tag(&format!("mem{}", b.pools));
+    println!(
+        "    ids: users like {tag}-{n} ({} bytes), followers {tag}-{n}-fan ({} bytes); ids of up to 15 bytes are held inline (README, For operators)",
+        tag.len() + 1 + n.to_string().len(),
+        tag.len() + 5 + n.to_string().len()
+    );
     let hwm_before = b.svc.hwm();
     let w = Wrk::start(
         &b.script,
@@ -1808,8 +1832,14 @@ async fn broker(dir: &Path, emu: &EmulatorProc, bound: usize, hold: Duration) ->
         assert!(ok, "serve never declared {queue}:\n{}", s.proc.log_tail(20));
         s.proc.terminate(30).await;
     }
-    let make: MakeReq = Arc::new(|k| {
-        let id = format!("ext-brk-{k}");
+    let tag = id_tag("ext-brk");
+    println!(
+        "    ids: users like {tag}-1999 ({} bytes), followers {tag}-1999-fan39 ({} bytes); ids of up to 15 bytes are held inline",
+        tag.len() + 5,
+        tag.len() + 11
+    );
+    let make: MakeReq = Arc::new(move |k| {
+        let id = format!("{tag}-{k}");
         Req {
             body: Shape::Wide.body(&id, k),
             id,
