@@ -281,43 +281,43 @@ impl Members {
 /// event that asked) it settles.
 ///
 /// Kept small, because a backlog of single-account batches (one per
-/// `follow_delete` From_Account) may hold most of `max_pending_items`: the
-/// accounts in a short list (one inline), each with its items (one inline),
-/// the destroy-only parts boxed away, and a generation number instead of a
-/// timestamp.
+/// `follow_delete` From_Account) may hold most of `max_pending_items` in the
+/// dispatcher's queue: the accounts in a short list (one inline), each with
+/// its items (one inline), and the destroy-only parts boxed away. What only
+/// an open batch needs is in [`Open`].
 #[derive(Debug)]
 pub struct Batch {
     key: BatchKey,
     members: Members,
     whole: Option<Box<Whole>>,
-    /// Tells this batch from an earlier one of the same key (the
-    /// coalescer's deadline queues).
+}
+
+/// A batch still open in the coalescer, stored under its key (so the key is
+/// held once): its accounts, which of its key's batches it is (the deadline
+/// queues' entries name it), and how many accounts make it full. A destroy
+/// is never open: it goes at once.
+#[derive(Debug)]
+struct Open {
+    members: Members,
     generation: u32,
-    /// Accounts that make this batch full.
     cap: u16,
 }
 
-impl Batch {
-    fn new(key: BatchKey, generation: u32, max_batch: usize) -> Self {
+impl Open {
+    fn new(key: &BatchKey, generation: u32, max_batch: usize) -> Open {
         let cap = key
             .capacity()
             .min(max_batch)
             .clamp(1, usize::from(u16::MAX));
-        Batch {
-            key,
+        Open {
             members: Members::default(),
-            whole: None,
             generation,
             cap: cap as u16,
         }
     }
 
-    pub fn key(&self) -> &BatchKey {
-        &self.key
-    }
-
-    pub fn api(&self) -> Api {
-        self.key.api()
+    fn is_full(&self) -> bool {
+        self.members.len() >= usize::from(self.cap)
     }
 
     /// Takes every item of `member` out of the batch.
@@ -328,8 +328,22 @@ impl Batch {
             .unwrap_or_default()
     }
 
-    fn is_empty(&self) -> bool {
-        self.members.len() == 0 && self.whole.is_none()
+    fn into_batch(self, key: BatchKey) -> Batch {
+        Batch {
+            key,
+            members: self.members,
+            whole: None,
+        }
+    }
+}
+
+impl Batch {
+    pub fn key(&self) -> &BatchKey {
+        &self.key
+    }
+
+    pub fn api(&self) -> Api {
+        self.key.api()
     }
 
     /// Gives back the room a growing batch reserved: it now waits as it is.
@@ -378,14 +392,6 @@ impl Batch {
         }
     }
 
-    pub fn is_full(&self) -> bool {
-        if self.key.capacity() == 1 {
-            self.whole.is_some()
-        } else {
-            self.members.len() >= usize::from(self.cap)
-        }
-    }
-
     /// Accounts (or 1 for a whole-target call) the call will carry.
     pub fn size(&self) -> usize {
         self.members.len().max(usize::from(self.whole.is_some()))
@@ -408,8 +414,6 @@ impl Batch {
             key: self.key.clone(),
             members: second,
             whole: None,
-            generation: self.generation,
-            cap: self.cap,
         };
         Ok((self, other))
     }
@@ -496,20 +500,20 @@ const RECHECK: Duration = Duration::from_millis(10);
 const MAX_LINGERS: u32 = 25;
 const MIN_HOLD: Duration = Duration::from_secs(5);
 
-/// A batch's place in a deadline queue.
+/// A batch's place in a deadline queue: it is due `linger` after it opened
+/// in the open order, and `hold` after it opened once postponed.
 #[derive(Debug)]
 struct Due {
-    at: Instant,
+    opened: Instant,
     key: BatchKey,
     /// Tells a stale entry (that batch went out and the key reopened) from
     /// a current one.
     generation: u32,
-    opened: Instant,
 }
 
 /// The coalescer task's state.
 pub struct Coalescer {
-    open: HashMap<BatchKey, Batch>,
+    open: HashMap<BatchKey, Open>,
     /// Open order; deadlines are monotonic because linger is constant.
     order: VecDeque<Due>,
     /// Batches past their linger kept open while their API is saturated,
@@ -565,12 +569,13 @@ impl Coalescer {
         stop: tokio_util::sync::CancellationToken,
     ) {
         let mut input_open = true;
+        let hold = self.hold();
         loop {
             let deadline = self
                 .postponed
                 .iter()
-                .chain([&self.order])
-                .filter_map(|q| q.front().map(|d| d.at))
+                .filter_map(|q| q.front().map(|d| d.opened + hold))
+                .chain(self.order.front().map(|d| d.opened + self.linger))
                 .chain(self.recheck)
                 .min();
             tokio::select! {
@@ -612,6 +617,17 @@ impl Coalescer {
         }
     }
 
+    /// How long past its linger a batch may be kept open while its API is
+    /// saturated.
+    fn hold(&self) -> Duration {
+        (self.linger * MAX_LINGERS).max(MIN_HOLD)
+    }
+
+    /// Takes the open batch of `key` out of the map, as a batch to send.
+    fn take(&mut self, key: &BatchKey) -> Option<Batch> {
+        self.open.remove_entry(key).map(|(k, o)| o.into_batch(k))
+    }
+
     async fn open_batch(&mut self, key: &BatchKey, now: Instant) -> Result<(), Closed> {
         if self.open.contains_key(key) {
             return Ok(());
@@ -620,21 +636,18 @@ impl Coalescer {
             // Bounded memory: the oldest open batch goes now, not full,
             // whether it lingers or is held past its linger.
             if let Some(oldest) = self.pop_oldest() {
-                let b = self.open.remove(&oldest.key).expect("current");
+                let b = self.take(&oldest.key).expect("current");
                 self.send(b).await?;
             }
         }
         let generation = self.generation;
         self.generation = self.generation.wrapping_add(1);
-        self.open.insert(
-            key.clone(),
-            Batch::new(key.clone(), generation, self.max_batch),
-        );
+        self.open
+            .insert(key.clone(), Open::new(key, generation, self.max_batch));
         self.order.push_back(Due {
-            at: now + self.linger,
+            opened: now,
             key: key.clone(),
             generation,
-            opened: now,
         });
         self.metrics.set_open_keys(self.open.len());
         Ok(())
@@ -676,7 +689,7 @@ impl Coalescer {
         let batch = self.open.get_mut(&key).expect("just opened");
         batch.members.push(member, item);
         if batch.is_full() || self.draining || self.linger.is_zero() {
-            let b = self.open.remove(&key).expect("present");
+            let b = self.take(&key).expect("present");
             self.metrics.set_open_keys(self.open.len());
             self.send(b).await?;
         }
@@ -700,7 +713,7 @@ impl Coalescer {
         for i in items {
             i.origin.settle(i.index, ItemFate::noop(0, i.attempts));
         }
-        if batch.is_empty() {
+        if batch.members.len() == 0 {
             self.open.remove(&other);
             self.metrics.set_open_keys(self.open.len());
         }
@@ -708,31 +721,34 @@ impl Coalescer {
 
     async fn add_destroy(&mut self, channel: ChannelId, item: Item) -> Result<(), Closed> {
         let unsub_key = BatchKey::Unsubscribe(channel.clone());
-        // Never open: it goes at once, whatever its generation.
-        let mut batch = Batch::new(BatchKey::Destroy(channel), 0, self.max_batch);
+        // Never open: it goes at once.
         let mut whole = Whole {
             items: vec![item],
             riders: Vec::new(),
         };
-        if let Some(unsubs) = self.open.remove(&unsub_key) {
+        if let Some(unsubs) = self.take(&unsub_key) {
             whole.riders = unsubs.into_parts().members;
             self.metrics.set_open_keys(self.open.len());
         }
-        batch.whole = Some(Box::new(whole));
+        let batch = Batch {
+            key: BatchKey::Destroy(channel),
+            members: Members::default(),
+            whole: Some(Box::new(whole)),
+        };
         // A destroy cannot grow: send it now.
         self.send(batch).await
     }
 
     async fn flush_due(&mut self) -> Result<(), Closed> {
         let now = Instant::now();
-        let hold = (self.linger * MAX_LINGERS).max(MIN_HOLD);
+        let hold = self.hold();
         // Those held past their linger first: they are older. Each API's
         // queue is looked at from its front only, and stops at the first
         // batch still to be held.
         for i in 0..self.postponed.len() {
             while let Some(d) = self.postponed[i].front() {
                 if self.is_current(d)
-                    && now < d.at
+                    && now < d.opened + hold
                     && !self.draining
                     && self.backlog.waiting(d.key.api()) > 0
                 {
@@ -740,12 +756,16 @@ impl Coalescer {
                 }
                 let d = self.postponed[i].pop_front().expect("front exists");
                 if self.is_current(&d) {
-                    let b = self.open.remove(&d.key).expect("present");
+                    let b = self.take(&d.key).expect("present");
                     self.send(b).await?;
                 }
             }
         }
-        while self.order.front().is_some_and(|d| d.at <= now) {
+        while self
+            .order
+            .front()
+            .is_some_and(|d| d.opened + self.linger <= now)
+        {
             let d = self.order.pop_front().expect("front exists");
             if !self.is_current(&d) {
                 continue;
@@ -754,13 +774,10 @@ impl Coalescer {
             // one would only queue behind them: keep filling it.
             let api = d.key.api();
             if self.backlog.waiting(api) > 0 && !self.draining && now < d.opened + hold {
-                self.postponed[api.index()].push_back(Due {
-                    at: d.opened + hold,
-                    ..d
-                });
+                self.postponed[api.index()].push_back(d);
                 continue;
             }
-            let b = self.open.remove(&d.key).expect("present");
+            let b = self.take(&d.key).expect("present");
             self.send(b).await?;
         }
         self.recheck = self
@@ -793,7 +810,7 @@ impl Coalescer {
         self.order.clear();
         self.postponed.iter_mut().for_each(VecDeque::clear);
         self.recheck = None;
-        let batches: Vec<Batch> = self.open.drain().map(|(_, b)| b).collect();
+        let batches: Vec<Batch> = self.open.drain().map(|(k, o)| o.into_batch(k)).collect();
         self.metrics.set_open_keys(0);
         for b in batches {
             self.send(b).await?;
@@ -816,7 +833,7 @@ impl Coalescer {
 
 /// Whether `due` is the entry of the batch open now for its key (the
 /// deadline queues keep entries of batches that went or reopened).
-fn current(open: &HashMap<BatchKey, Batch>, due: &Due) -> bool {
+fn current(open: &HashMap<BatchKey, Open>, due: &Due) -> bool {
     open.get(&due.key)
         .is_some_and(|b| b.generation == due.generation)
 }
@@ -845,7 +862,10 @@ mod tests {
         // its tag.)
         assert!(std::mem::size_of::<Items>() <= 16);
         assert!(std::mem::size_of::<Members>() <= 40);
-        assert!(std::mem::size_of::<Batch>() <= 80);
+        assert!(std::mem::size_of::<Batch>() <= 72);
+        // One open key: its key and this, in the map; its deadline entry.
+        assert!(std::mem::size_of::<Open>() <= 48);
+        assert!(std::mem::size_of::<Due>() <= 48);
     }
 
     /// Counts the events that settled.
@@ -1016,7 +1036,6 @@ mod tests {
         let sent = h.sent();
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].size(), 20, "follow_delete carries 20");
-        assert!(sent[0].is_full());
         assert_eq!(h.c.open.len(), 1, "the 21st waits in a new batch");
     }
 
