@@ -255,6 +255,14 @@ async fn post_event(
     answer
 }
 
+/// The answer to a stored event, serialized straight from borrowed fields
+/// (the same bytes a `json!` map gave: its keys were sorted).
+#[derive(serde::Serialize)]
+struct Ack<'a> {
+    id: &'a str,
+    status: &'static str,
+}
+
 async fn accept(
     req: &HttpRequest,
     payload: web::Payload,
@@ -292,11 +300,17 @@ async fn accept(
         Ok(Stored::New) => {
             state.metrics.event_received(Source::Webhook, &event.kind);
             tracing::debug!(kind = %event.kind, "event accepted");
-            Ok(HttpResponse::Accepted().json(json!({"status": "accepted", "id": id})))
+            Ok(HttpResponse::Accepted().json(Ack {
+                id,
+                status: "accepted",
+            }))
         }
         Ok(Stored::Duplicate) => {
             state.metrics.event_duplicate(Source::Webhook);
-            Ok(HttpResponse::Ok().json(json!({"status": "duplicate", "id": id})))
+            Ok(HttpResponse::Ok().json(Ack {
+                id,
+                status: "duplicate",
+            }))
         }
         Err(e) => {
             match e {

@@ -26,11 +26,19 @@ async fn accepted_then_duplicate() {
     let (_up, app, _dir) = app().await;
     let r = app.post_signed("msg_1", unix_now(), SECRET, BODY).await;
     assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.headers()["content-type"].to_str().unwrap(),
+        "application/json"
+    );
+    assert_eq!(
+        r.text().await.unwrap(),
+        r#"{"id":"msg_1","status":"accepted"}"#
+    );
     let r = app.post_signed("msg_1", unix_now(), SECRET, BODY).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
-        r.json::<serde_json::Value>().await.unwrap()["status"],
-        "duplicate"
+        r.text().await.unwrap(),
+        r#"{"id":"msg_1","status":"duplicate"}"#
     );
     assert_eq!(
         app.metric("chat_janitor_events_received_total{source=\"webhook\",type=\"user.banned\"}")
