@@ -105,10 +105,10 @@ impl Event {
             timestamp,
             data: EventData {
                 user_id,
-                channels: list(data, "channels", ChannelId::parse)?,
-                following: list(data, "following", UserId::parse)?,
-                followers: list(data, "followers", UserId::parse)?,
-                owned_channels: list(data, "owned_channels", ChannelId::parse)?,
+                channels: list(data, "channels", |s| ChannelId::parse(s))?,
+                following: list(data, "following", |s| UserId::parse(s))?,
+                followers: list(data, "followers", |s| UserId::parse(s))?,
+                owned_channels: list(data, "owned_channels", |s| ChannelId::parse(s))?,
                 tier,
             },
         })
@@ -127,7 +127,7 @@ fn id_err(field: &str, e: IdError) -> ParseError {
 fn list<T>(
     data: &Map<String, Value>,
     name: &str,
-    parse: fn(String) -> Result<T, IdError>,
+    parse: fn(&str) -> Result<T, IdError>,
 ) -> Result<Option<Vec<T>>, ParseError> {
     match data.get(name) {
         None | Some(Value::Null) => Ok(None),
@@ -143,7 +143,7 @@ fn list<T>(
                 .enumerate()
                 .map(|(i, v)| match v {
                     Value::String(s) => {
-                        parse(s.clone()).map_err(|e| id_err(&format!("data.{name}[{i}]"), e))
+                        parse(s).map_err(|e| id_err(&format!("data.{name}[{i}]"), e))
                     }
                     _ => Err(err(format!("data.{name}[{i}]"), "must be a string")),
                 })
@@ -156,45 +156,58 @@ fn list<T>(
 
 /// The typed fast path: `None` whenever anything is off.
 mod fast {
+    use std::borrow::Cow;
+
     use serde::Deserialize;
 
     use super::{Event, EventData, MAX_LIST};
     use crate::domain::{ChannelId, UserId};
 
+    // Strings are borrowed from the body unless they hold escapes: an id
+    // goes straight into its 16 bytes (or one allocation if longer), not
+    // through a `String` of its own first.
+    /// A string borrowed from the body where it can be (a bare `Cow` in a
+    /// list is always owned: serde borrows only a field's own `Cow`).
     #[derive(Deserialize)]
-    struct Doc {
+    #[serde(transparent)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+    #[derive(Deserialize)]
+    struct Doc<'a> {
         #[serde(rename = "type")]
         kind: String,
         #[serde(default)]
         timestamp: Option<String>,
-        data: Data,
+        #[serde(borrow)]
+        data: Data<'a>,
     }
 
     #[derive(Deserialize)]
-    struct Data {
-        user_id: String,
-        #[serde(default)]
-        channels: Option<Vec<String>>,
-        #[serde(default)]
-        following: Option<Vec<String>>,
-        #[serde(default)]
-        followers: Option<Vec<String>>,
-        #[serde(default)]
-        owned_channels: Option<Vec<String>>,
+    struct Data<'a> {
+        #[serde(borrow)]
+        user_id: Cow<'a, str>,
+        #[serde(default, borrow)]
+        channels: Option<Vec<Text<'a>>>,
+        #[serde(default, borrow)]
+        following: Option<Vec<Text<'a>>>,
+        #[serde(default, borrow)]
+        followers: Option<Vec<Text<'a>>>,
+        #[serde(default, borrow)]
+        owned_channels: Option<Vec<Text<'a>>>,
         #[serde(default)]
         tier: Option<String>,
     }
 
     fn ids<T>(
-        list: Option<Vec<String>>,
-        parse: fn(String) -> Result<T, crate::domain::IdError>,
+        list: Option<Vec<Text<'_>>>,
+        parse: fn(&str) -> Result<T, crate::domain::IdError>,
     ) -> Option<Option<Vec<T>>> {
         match list {
             None => Some(None),
             Some(v) if v.len() > MAX_LIST => None,
             Some(v) => v
-                .into_iter()
-                .map(|s| parse(s).ok())
+                .iter()
+                .map(|s| parse(&s.0).ok())
                 .collect::<Option<Vec<T>>>()
                 .map(Some),
         }
@@ -210,11 +223,11 @@ mod fast {
             kind: doc.kind,
             timestamp: doc.timestamp,
             data: EventData {
-                user_id: UserId::parse(d.user_id).ok()?,
-                channels: ids(d.channels, ChannelId::parse)?,
-                following: ids(d.following, UserId::parse)?,
-                followers: ids(d.followers, UserId::parse)?,
-                owned_channels: ids(d.owned_channels, ChannelId::parse)?,
+                user_id: UserId::parse(&d.user_id).ok()?,
+                channels: ids(d.channels, |s| ChannelId::parse(s))?,
+                following: ids(d.following, |s| UserId::parse(s))?,
+                followers: ids(d.followers, |s| UserId::parse(s))?,
+                owned_channels: ids(d.owned_channels, |s| ChannelId::parse(s))?,
                 tier: d.tier,
             },
         })
@@ -224,6 +237,25 @@ mod fast {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fast_path_takes_escaped_ids_too() {
+        // Borrowed where it can be, owned where an escape must be undone.
+        let e = fast::parse(
+            br#"{"type":"user.banned","data":{"user_id":"a\u0062c","channels":["@TOA#_x","@TOA#_\u0079"],"followers":["f\"1"]}}"#,
+        )
+        .expect("the fast path parses it");
+        assert_eq!(e.data.user_id.as_str(), "abc");
+        let channels: Vec<&str> = e
+            .data
+            .channels
+            .iter()
+            .flatten()
+            .map(|c| c.as_str())
+            .collect();
+        assert_eq!(channels, ["@TOA#_x", "@TOA#_y"]);
+        assert_eq!(e.data.followers.unwrap()[0].as_str(), "f\"1");
+    }
 
     #[test]
     fn the_contract_example_parses() {

@@ -51,9 +51,10 @@ fn check_common(s: &str) -> Result<(), IdError> {
 pub struct UserId(EcoString);
 
 impl UserId {
-    pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
-        let s = s.into();
-        check_common(&s)?;
+    /// Copies `s` (an id of up to 15 bytes into the value itself).
+    pub fn parse(s: impl AsRef<str>) -> Result<Self, IdError> {
+        let s = s.as_ref();
+        check_common(s)?;
         Ok(UserId(EcoString::from(s)))
     }
 
@@ -68,9 +69,10 @@ impl UserId {
 pub struct ChannelId(EcoString);
 
 impl ChannelId {
-    pub fn parse(s: impl Into<String>) -> Result<Self, IdError> {
-        let s = s.into();
-        check_common(&s)?;
+    /// Copies `s` (an id of up to 15 bytes into the value itself).
+    pub fn parse(s: impl AsRef<str>) -> Result<Self, IdError> {
+        let s = s.as_ref();
+        check_common(s)?;
         if !s.starts_with(CHANNEL_PREFIX) || s.len() == CHANNEL_PREFIX.len() {
             return Err(IdError::NotAChannel);
         }

@@ -50,7 +50,7 @@ impl TestUpstream {
     }
 }
 
-pub fn uid(s: impl Into<String>) -> UserId {
+pub fn uid(s: impl AsRef<str>) -> UserId {
     UserId::parse(s).expect("valid user id")
 }
 
