@@ -163,11 +163,10 @@ mod fast {
     use super::{Event, EventData, MAX_LIST};
     use crate::domain::{ChannelId, UserId};
 
-    // Strings are borrowed from the body unless they hold escapes: an id
-    // goes straight into its 16 bytes (or one allocation if longer), not
-    // through a `String` of its own first.
-    /// A string borrowed from the body where it can be (a bare `Cow` in a
-    /// list is always owned: serde borrows only a field's own `Cow`).
+    /// A string borrowed from the body unless it holds escapes, so an id
+    /// goes straight into its 16 bytes (or one allocation if longer), not
+    /// through a `String` of its own first. (A bare `Cow` in a list is
+    /// always owned: serde borrows only a field's own `Cow`.)
     #[derive(Deserialize)]
     #[serde(transparent)]
     struct Text<'a>(#[serde(borrow)] Cow<'a, str>);

@@ -246,6 +246,17 @@ fn id_tag(tag: &str) -> String {
     }
 }
 
+/// Prints the longest user id a phase sends and its followers' (`Shape`
+/// names them `{user}-{suffix}`), with their lengths.
+fn print_ids(user: &str, suffix: &str) {
+    let fan = format!("{user}-{suffix}");
+    println!(
+        "    ids: users like {user} ({} bytes), followers {fan} ({} bytes); ids of up to 15 bytes are held inline (README, For operators)",
+        user.len(),
+        fan.len()
+    );
+}
+
 /// Writes `n` requests signed now (ids `{tag}-0..n`) to `path`, as the Lua
 /// script reads them.
 fn write_pool(path: &Path, tag: &str, shape: Shape, n: u64) {
@@ -1372,11 +1383,9 @@ pub async fn section(rep: &mut Report) {
     let n =
         (bound / Shape::Mixed.actions()) as u64 + b.svc_pool_size(hold + Duration::from_secs(5));
     let pool = b.pool("mem", Shape::Mixed, n);
-    let tag = id_tag(&format!("mem{}", b.pools));
-    println!(
-        "    ids: users like {tag}-{n} ({} bytes), followers {tag}-{n}-fan ({} bytes); ids of up to 15 bytes are held inline (README, For operators)",
-        tag.len() + 1 + n.to_string().len(),
-        tag.len() + 5 + n.to_string().len()
+    print_ids(
+        &format!("{}-{}", id_tag(&format!("mem{}", b.pools)), n - 1),
+        "fan",
     );
     let hwm_before = b.svc.hwm();
     let w = Wrk::start(
@@ -1833,11 +1842,7 @@ async fn broker(dir: &Path, emu: &EmulatorProc, bound: usize, hold: Duration) ->
         s.proc.terminate(30).await;
     }
     let tag = id_tag("ext-brk");
-    println!(
-        "    ids: users like {tag}-1999 ({} bytes), followers {tag}-1999-fan39 ({} bytes); ids of up to 15 bytes are held inline",
-        tag.len() + 5,
-        tag.len() + 11
-    );
+    print_ids(&format!("{tag}-{}", BROKER_EVENTS - 1), "fan39");
     let make: MakeReq = Arc::new(move |k| {
         let id = format!("{tag}-{k}");
         Req {
