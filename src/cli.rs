@@ -165,17 +165,6 @@ fn parse_cursor_mode(s: &str) -> Result<CursorMode, String> {
 }
 
 /// Runs the parsed command line.
-impl Cli {
-    /// Whether the command runs until stopped (`serve`, the default, and
-    /// `emulator`), as opposed to a one-shot that exits when done.
-    pub fn runs_until_stopped(&self) -> bool {
-        matches!(
-            self.command,
-            None | Some(Command::Serve { .. } | Command::Emulator { .. })
-        )
-    }
-}
-
 pub fn run(cli: Cli) -> ExitCode {
     let command = cli.command.unwrap_or(Command::Serve { config: None });
     match command {

@@ -43,7 +43,7 @@ fn start_serve_full(
     let mut child = Command::new(BIN)
         .arg("serve")
         // As users run it, whatever the test runner's environment has.
-        .env_remove("GLIBC_TUNABLES")
+        .env_remove("_RJEM_MALLOC_CONF")
         .envs(env.iter().copied())
         .current_dir(dir)
         .env("RUST_LOG", "info")
@@ -672,46 +672,38 @@ async fn a_kill_9_before_a_settled_events_record_is_durable_replays_the_event() 
     child.wait().unwrap();
 }
 
-/// `GLIBC_TUNABLES` in the environment the kernel shows for `pid` (after
-/// any exec), if set.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn glibc_tunables_of(pid: u32) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ readable");
-    environ
-        .split(|b| *b == 0)
-        .filter_map(|kv| std::str::from_utf8(kv).ok())
-        .find_map(|kv| kv.strip_prefix("GLIBC_TUNABLES="))
-        .map(str::to_owned)
+/// The allocator's settings, as jemalloc itself prints them at exit
+/// (`stats_print`), for `chat-janitor --version` with `conf` added at run
+/// time.
+fn allocator_settings(conf: &str) -> String {
+    let out = Command::new(BIN)
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", conf)
+        .output()
+        .expect("the binary runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.trim_start().starts_with("opt."))
+        .map(|l| format!("{}\n", l.trim()))
+        .collect()
 }
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[test]
-fn serve_tunes_the_allocator_unless_glibc_tunables_is_set() {
-    // No upstream call is made: nothing is posted.
-    let upstream = "http://127.0.0.1:1";
-    let dir = tempfile::tempdir().unwrap();
-    // The process replaced itself (same pid: it is the child we spawned,
-    // and it logged its port) with the tuning in its environment. glibc
-    // may cut the variable at its first ':' once it has parsed it, so only
-    // the first setting is compared.
-    let (mut child, _) = start_serve(dir.path(), upstream, 50);
-    let seen = glibc_tunables_of(child.id());
-    child.kill().unwrap();
-    let _ = child.wait();
-    assert!(
-        seen.as_deref()
-            .is_some_and(|v| v.starts_with("glibc.malloc.arena_max=2")),
-        "GLIBC_TUNABLES of serve: {seen:?}"
-    );
-    // Set by the operator, even empty: left as it is.
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, _) = start_serve_with(dir.path(), upstream, 50, &[("GLIBC_TUNABLES", "")]);
-    let seen = glibc_tunables_of(child.id());
-    child.kill().unwrap();
-    let _ = child.wait();
-    assert_eq!(
-        seen.as_deref(),
-        Some(""),
-        "an operator's GLIBC_TUNABLES is kept"
-    );
+fn the_binary_runs_on_jemalloc_with_its_settings_built_in() {
+    // The settings come from .cargo/config.toml at build time: a build
+    // without them would keep freed pages for seconds (jemalloc's decay)
+    // and use four arenas a core.
+    let seen = allocator_settings("stats_print:true");
+    for want in [
+        "opt.narenas: 2\n",
+        "opt.dirty_decay_ms: 0 ",
+        "opt.muzzy_decay_ms: 0 ",
+    ] {
+        assert!(seen.contains(want), "{want:?} not in:\n{seen}");
+    }
+    // An operator's `_RJEM_MALLOC_CONF` overrides them.
+    let seen = allocator_settings("stats_print:true,dirty_decay_ms:5000");
+    assert!(seen.contains("opt.dirty_decay_ms: 5000 "), "{seen}");
+    assert!(seen.contains("opt.narenas: 2\n"), "{seen}");
 }
