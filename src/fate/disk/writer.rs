@@ -1,5 +1,6 @@
 //! The record store's one writer thread. Each cycle takes every record
-//! handed over since the last one, deflates it, and writes the lot to the
+//! handed over since the last one, encodes it (`SettledEvent::encode`,
+//! not deflated: older deflated payloads still read), and writes the lot to the
 //! open data file with one `pwrite` and one `fdatasync`; only then are they
 //! indexed, readable and announced to the callbacks. Once a second it seals
 //! the open file when its time bucket is over and applies retention.
