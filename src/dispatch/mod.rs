@@ -16,6 +16,7 @@
 //! - `settle`: what each item of an answered batch becomes.
 
 mod circuit;
+mod fifo;
 mod gate;
 mod retry;
 mod settle;
@@ -37,6 +38,7 @@ use crate::domain::{Api, ItemResult};
 use crate::fate::WaitingFor;
 use crate::telemetry::Metrics;
 pub use circuit::Circuit;
+use fifo::Fifo;
 use retry::{Decision, Retries};
 use settle::{Call, Settler};
 use upstream::Admission;
@@ -94,7 +96,7 @@ impl Ord for Later {
 struct Queue {
     again: VecDeque<Again>,
     later: BinaryHeap<Later>,
-    fresh: VecDeque<Batch>,
+    fresh: Fifo<Batch>,
     seq: u64,
 }
 
@@ -107,12 +109,6 @@ enum Next {
 impl Queue {
     fn push_fresh(&mut self, b: Batch) {
         b.mark(WaitingFor::Limiter);
-        if self.fresh.len() == self.fresh.capacity() {
-            // An eighth more, not double: a long backlog of small batches
-            // would otherwise reserve up to as much again as it holds (the
-            // copies this costs are nothing beside a call per batch).
-            self.fresh.reserve_exact((self.fresh.len() / 8).max(16));
-        }
         self.fresh.push_back(b);
     }
 
@@ -129,12 +125,7 @@ impl Queue {
         if self.later.peek().is_some_and(|l| l.at <= now) {
             return self.later.pop().map(|l| Next::Again(l.again));
         }
-        let next = self.fresh.pop_front().map(Next::Fresh);
-        // Room a drained backlog left behind goes back.
-        if self.fresh.capacity() > 1024 && self.fresh.len() < self.fresh.capacity() / 4 {
-            self.fresh.shrink_to(self.fresh.len() * 2);
-        }
-        next
+        self.fresh.pop_front().map(Next::Fresh)
     }
 }
 
