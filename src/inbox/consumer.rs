@@ -45,8 +45,8 @@ use super::dead_letters::{DeadLog, REPLAY_OF_HEADER};
 use super::sweep_log::SWEEP_COMMAND_HEADER;
 use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
 use crate::domain::Active;
+use crate::domain::Durable;
 use crate::domain::{DeadLetter, DeadLetterSink, HeldEvent, Source};
-use crate::fate::Durable;
 use crate::telemetry::Metrics;
 
 /// Deliveries handed on ahead of the intake loop.

@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, Notify, Semaphore};
 pub use crate::config::JournalTuning as Tuning;
 use crate::domain::clock::unix_now;
 use crate::domain::DeadLetter;
-use crate::fate::Durable;
+use crate::domain::Durable;
 pub use crate::storage_faults::StorageFaults;
 
 /// Also the event records' index (the `fate` module's store): its
