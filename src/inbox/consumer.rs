@@ -44,9 +44,7 @@ use super::broker::{BrokerDeadLetters, BrokerError, BrokerLink};
 use super::dead_letters::{DeadLog, REPLAY_OF_HEADER};
 use super::sweep_log::SWEEP_COMMAND_HEADER;
 use super::{Content, Delivery, Inbox, InboxFuture, Settle, Stored};
-use crate::domain::Active;
-use crate::domain::Durable;
-use crate::domain::{DeadLetter, DeadLetterSink, HeldEvent, Source};
+use crate::domain::{Active, DeadLetter, DeadLetterSink, Durable, HeldEvent, Source};
 use crate::telemetry::Metrics;
 
 /// Deliveries handed on ahead of the intake loop.
